@@ -1,0 +1,5 @@
+"""``python -m bnfold`` runs the CLI."""
+
+from bnfold.cli import main
+
+main()

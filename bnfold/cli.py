@@ -1,0 +1,234 @@
+"""The ``bnfold`` command line. Only this module prints; everything heavy is imported lazily.
+
+Exit codes: 0 ok, 1 a check failed (accuracy or latency gate), 2 bad input or usage, 3 internal
+error (a bug in bnfold: please report it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnfold import __version__
+from bnfold.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERNAL, BnfoldError
+
+REPORT_URL = "https://github.com/bnfold/bnfold/issues"
+
+
+class ShapeType(click.ParamType):
+    """``NAME:1x3x224x224``: the concrete shape of a model input with dynamic dimensions."""
+
+    name = "NAME:DxDxD"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        from bnfold.check import parse_shape
+
+        try:
+            return parse_shape(value)
+        except BnfoldError as e:
+            self.fail(str(e), param, ctx)
+
+
+SHAPE = ShapeType()
+shape_option = click.option(
+    "--shape", "shapes", type=SHAPE, multiple=True,
+    help="Concrete shape of an input with dynamic dimensions, e.g. input:1x3x224x224. Repeatable.",
+)
+model_arg = click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfold")
+@click.option("-v", "--verbose", count=True, help="Log what each step does (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Fold BatchNormalization exactly, verify it, and compile ONNX models for edge devices."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _check_output_path(out: Path, inp: Path) -> None:
+    if out.resolve() == inp.resolve():
+        raise BnfoldError(f"{out}: output would overwrite the input model")
+    if out.exists() and out.is_dir():
+        raise BnfoldError(f"{out}: is a directory")
+
+
+@cli.command()
+@model_arg
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the folded model (written atomically).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the fold report as JSON to this file.")
+@click.option("--no-forward", is_flag=True, help="Do not fold BNs into the following Conv/Gemm.")
+@click.option("--no-affine", is_flag=True,
+              help="Keep BNs that cannot fold as BatchNormalization instead of Mul+Add.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write tensors to MODEL.data beside the output (default: as the input was).")
+def fold(model: Path, output: Path, report: Path | None, no_forward: bool, no_affine: bool,
+         external_data: bool | None) -> None:
+    """Fold every foldable BatchNormalization of MODEL and write the result.
+
+    Prints every BN with what happened to it: folded backward (into the Conv/Gemm/MatMul that
+    produces it), forward (into the Conv/Gemm that consumes it), rewritten as Mul+Add, or kept,
+    with the reason.
+    """
+    from bnfold import ir as bir
+    from bnfold import pipeline
+    from bnfold.atomic import write_json
+
+    _check_output_path(output, model)
+    t0 = time.perf_counter()
+    folded, rep = pipeline.fold(bir.load(model), forward=not no_forward, to_affine=not no_affine)
+    rep.source = str(model)
+    bir.save(folded, output, external_data=external_data)
+    rep.total_ms = (time.perf_counter() - t0) * 1e3
+    if report:
+        write_json(report, rep.to_dict())
+    click.echo(rep.table())
+    click.echo(f"wrote {output}" + (f" and {report}" if report else ""))
+
+
+@cli.command()
+@model_arg
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
+@click.option("--brief", is_flag=True, help="Omit the per-op counts.")
+def inspect(model: Path, as_json: bool, brief: bool) -> None:
+    """Show MODEL's inputs, outputs, op counts, and every BN with whether and how it can fold."""
+    import collections
+
+    import onnx
+
+    from bnfold import ir as bir
+    from bnfold import pipeline
+    from bnfold.check import graph_inputs
+
+    proto = bir.load_proto(model)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+
+    def shape(vi: onnx.ValueInfoProto) -> str:
+        dims = vi.type.tensor_type.shape.dim
+        return "x".join(str(d.dim_value) if d.dim_value > 0 else (d.dim_param or "?")
+                        for d in dims)
+
+    def dtype(vi: onnx.ValueInfoProto) -> str:
+        return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
+
+    inputs = [(i.name, shape(i), dtype(i)) for i in graph_inputs(proto)]
+    outputs = [(o.name, shape(o), dtype(o)) for o in proto.graph.output]
+    _, rep = pipeline.fold(bir.from_proto(proto, source=str(model)))
+    if as_json:
+        click.echo(json.dumps({
+            "model": str(model), "opset": bir.default_opset(proto), "ir_version": proto.ir_version,
+            "producer": proto.producer_name, "inputs": inputs, "outputs": outputs,
+            "ops": dict(ops.most_common()), "fold": rep.to_dict(),
+        }, indent=2, sort_keys=True))
+        return
+    click.echo(f"{model}: opset {bir.default_opset(proto)}, IR {proto.ir_version}, "
+               f"producer {proto.producer_name or '?'} {proto.producer_version}, "
+               f"{len(proto.graph.node)} nodes, {len(proto.graph.initializer)} initializers")
+    for kind, rows in (("input", inputs), ("output", outputs)):
+        for name, shp, dt in rows:
+            click.echo(f"  {kind:<6} {name}: {dt}[{shp}]")
+    if not brief:
+        click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+    click.echo("")
+    click.echo("what fold would do:")
+    click.echo(rep.table())
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--inputs", type=click.Path(dir_okay=False, path_type=Path),
+              help=".npz with one array per input name (or .npy for one input).")
+@click.option("--random", "n_random", type=click.IntRange(min=1), default=None,
+              help="Use this many random input sets instead (default 1 when --inputs is absent).")
+@shape_option
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-6, show_default=True,
+              help="Absolute tolerance of the gate.")
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
+              help="Tolerance relative to max|reference output| of the gate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the metrics as JSON to this file.")
+def verify(reference: Path, candidate: Path, inputs: Path | None, n_random: int | None,
+           shapes: tuple[tuple[str, tuple[int, ...]], ...], atol: float, rtol: float, seed: int,
+           json_out: Path | None) -> None:
+    """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) and compare their outputs.
+
+    PASS when every output is finite and max abs error <= ATOL + RTOL x max|reference|; exit
+    code 1 on FAIL.
+    """
+    from bnfold import check
+    from bnfold.atomic import write_json
+
+    if inputs is not None and n_random is not None:
+        raise click.UsageError("give --inputs or --random, not both")
+    for p in (reference, candidate):
+        if not p.is_file():
+            raise BnfoldError(f"{p}: no such file")
+    result = check.verify(reference, candidate, inputs=inputs, random=n_random or 1,
+                          shapes=dict(shapes), atol=atol, rtol=rtol, seed=seed)
+    if json_out:
+        write_json(json_out, result.to_dict())
+    click.echo(result.table())
+    if not result.passed:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+def _register_optional_commands() -> None:
+    """Commands from modules that land separately, registered explicitly (no import magic)."""
+    try:
+        from bnfold.cli_lower import COMMANDS
+    except ImportError:
+        return
+    for command in COMMANDS:
+        cli.add_command(command)
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI and turn every failure into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(EXIT_BAD_INPUT if e.exit_code not in (0, 1) else e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except BnfoldError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except BaseException as e:  # a bug: one line, exit 3, traceback only on request
+        if os.environ.get("BNFOLD_DEBUG"):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        click.echo(
+            f"internal error: {type(e).__name__}: {msg} (set BNFOLD_DEBUG=1 for the traceback "
+            f"and report it at {REPORT_URL})",
+            err=True,
+        )
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()
