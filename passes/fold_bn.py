@@ -321,32 +321,32 @@ def _append_add(
     graph.register_initializer(bias_value)
     result = ir.Value(name=namer(f"{out.name}_biased"), shape=out.shape, type=out.type)
     add = ir.Node("", "Add", [out, bias_value], outputs=[result], name=namer(f"{base}_bias_add"))
-    users = [(u.node, u.idx) for u in out.uses()]
     graph.insert_after(node, add)
+    users = [(u.node, u.idx) for u in out.uses() if u.node is not add]
     for user, idx in users:
         user.replace_input_with(idx, result)
     if out.is_graph_output():
-        _move_graph_output(graph, out, result)
+        name = out.name
+        graph.outputs[list(graph.outputs).index(out)] = result
+        out.name = f"{name}.bnfold_replaced"
+        result.name = name
     return add
 
 
-def _move_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Make ``new`` the graph output ``old`` was, under the same name."""
+def _replace_value(old: ir.Value, new: ir.Value) -> None:
+    """Send every user of ``old`` to ``new``; if ``old`` is a graph output, ``new`` takes its
+    place and its name (graph outputs keep their names)."""
     name = old.name
-    for i, v in enumerate(graph.outputs):
-        if v is old:
-            graph.outputs[i] = new
-    old.name = None
-    new.name = name
+    was_output = old.is_graph_output()
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if was_output:
+        old.name = f"{name}.bnfold_replaced"
+        new.name = name
 
 
 def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
     """Remove single-output ``node``, sending its users to ``replacement`` (output names kept)."""
-    out = node.outputs[0]
-    was_output = out.is_graph_output()
-    ir.convenience.replace_all_uses_with(out, replacement)
-    if was_output:
-        _move_graph_output(graph, out, replacement)
+    _replace_value(node.outputs[0], replacement)
     graph.remove(node, safe=True)
 
 

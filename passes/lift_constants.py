@@ -4,8 +4,7 @@ Exporters hide weights in three ways; each becomes a named initializer, which is
 folding passes look for:
 
 * ``Constant`` nodes (PP-OCR's paddle2onnx export holds all its weights this way);
-* ``Identity`` nodes whose input is a constant (possibly chained): their users read the
-  constant directly. An Identity that produces a graph output stays, so output names hold;
+* ``Identity`` chains in front of a constant are removed by the next pass, ``remove_identity``;
 * for IR version < 4, initializers that the spec required to be listed as graph inputs. They
   are constants by that spec, so they leave the input list (and the IR version becomes 4). From
   IR 4 on, an initializer that is also a graph input is a default a user may override at run
@@ -27,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class LiftConstants(ir.passes.InPlacePass):
-    """Turn Constant nodes, Identity-of-constant chains and IR<4 weight inputs into initializers."""
+    """Turn Constant nodes and IR<4 weight inputs into initializers."""
 
     def call(self, model: ir.Model) -> BnfoldPassResult:
         result = BnfoldPassResult(model, False)
@@ -50,17 +49,5 @@ class LiftConstants(ir.passes.InPlacePass):
             result.changed.extend(
                 Record(label(n), "Constant", "lifted") for n in constants if n.graph is None
             )
-        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
-            if not is_onnx_op(node, "Identity") or node.graph is None:
-                continue
-            src, out = node.inputs[0], node.outputs[0]
-            if src is None or not src.is_initializer() or src.is_graph_input():
-                continue
-            if out.is_graph_output():
-                continue
-            ir.convenience.replace_all_uses_with(out, src)
-            node.graph.remove(node, safe=True)
-            result.changed.append(Record(label(node), "Identity", "lifted"))
-            result.modified = True
         logger.info("lift_constants: %d changes", len(result.changed))
         return result
