@@ -253,21 +253,33 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-def _metrics(name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> OutputMetrics:
+def _metrics(
+    name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float
+) -> OutputMetrics:
     if ref.shape != got.shape:
         raise BnfoldError(f"output '{name}': shapes differ, {ref.shape} vs {got.shape}")
     a = np.asarray(ref, np.float64)
     b = np.asarray(got, np.float64)
     finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
     if not finite or a.size == 0:
-        return OutputMetrics(name, tuple(a.shape), float("nan"), float("nan"), float("nan"),
-                             float("nan"), finite, passed=False if not finite else True)
+        return OutputMetrics(
+            name,
+            tuple(a.shape),
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            float("nan"),
+            finite,
+            passed=False if not finite else True,
+        )
     diff = np.abs(a - b)
     max_ref = float(np.max(np.abs(a)))
     floor = max(1e-3 * max_ref, np.finfo(np.float64).tiny)
     max_rel = float(np.max(diff / np.maximum(np.abs(a), floor)))
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    cosine = float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+    cosine = (
+        float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
+    )
     m = OutputMetrics(name, tuple(a.shape), float(diff.max()), max_rel, max_ref, cosine, finite)
     if a.ndim == 2 and a.shape[1] >= 2:
         top_ref = np.argmax(a, axis=1)
@@ -357,7 +369,11 @@ def verify(
     ref_runs = [run_onnxruntime(ref_bytes, f) for f in feed_sets]
     cand_runs = [run_candidate(f) for f in feed_sets]
     result = compare_outputs(_concat(ref_runs), _concat(cand_runs), atol, rtol)
-    result.samples = sum(next(iter(f.values())).shape[0] if f else 1 for f in feed_sets) if inputs is not None else len(feed_sets)
+    result.samples = (
+        sum(next(iter(f.values())).shape[0] if f else 1 for f in feed_sets)
+        if inputs is not None
+        else len(feed_sets)
+    )
     result.reference = str(reference) if isinstance(reference, (str, os.PathLike)) else ""
     result.candidate = str(candidate) if isinstance(candidate, (str, os.PathLike)) else ""
     logger.info("verify: %s", "PASS" if result.passed else "FAIL")

@@ -40,7 +40,10 @@ class ShapeType(click.ParamType):
 
 SHAPE = ShapeType()
 shape_option = click.option(
-    "--shape", "shapes", type=SHAPE, multiple=True,
+    "--shape",
+    "shapes",
+    type=SHAPE,
+    multiple=True,
     help="Concrete shape of an input with dynamic dimensions, e.g. input:1x3x224x224. Repeatable.",
 )
 model_arg = click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
@@ -52,7 +55,9 @@ model_arg = click.argument("model", type=click.Path(dir_okay=False, path_type=Pa
 def cli(verbose: int) -> None:
     """Fold BatchNormalization exactly, verify it, and compile ONNX models for edge devices."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _check_output_path(out: Path, inp: Path) -> None:
@@ -64,17 +69,37 @@ def _check_output_path(out: Path, inp: Path) -> None:
 
 @cli.command()
 @model_arg
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="Where to write the folded model (written atomically).")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the fold report as JSON to this file.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the folded model (written atomically).",
+)
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the fold report as JSON to this file.",
+)
 @click.option("--no-forward", is_flag=True, help="Do not fold BNs into the following Conv/Gemm.")
-@click.option("--no-affine", is_flag=True,
-              help="Keep BNs that cannot fold as BatchNormalization instead of Mul+Add.")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Write tensors to MODEL.data beside the output (default: as the input was).")
-def fold(model: Path, output: Path, report: Path | None, no_forward: bool, no_affine: bool,
-         external_data: bool | None) -> None:
+@click.option(
+    "--no-affine",
+    is_flag=True,
+    help="Keep BNs that cannot fold as BatchNormalization instead of Mul+Add.",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Write tensors to MODEL.data beside the output (default: as the input was).",
+)
+def fold(
+    model: Path,
+    output: Path,
+    report: Path | None,
+    no_forward: bool,
+    no_affine: bool,
+    external_data: bool | None,
+) -> None:
     """Fold every foldable BatchNormalization of MODEL and write the result.
 
     Prints every BN with what happened to it: folded backward (into the Conv/Gemm/MatMul that
@@ -116,8 +141,7 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
 
     def shape(vi: onnx.ValueInfoProto) -> str:
         dims = vi.type.tensor_type.shape.dim
-        return "x".join(str(d.dim_value) if d.dim_value > 0 else (d.dim_param or "?")
-                        for d in dims)
+        return "x".join(str(d.dim_value) if d.dim_value > 0 else (d.dim_param or "?") for d in dims)
 
     def dtype(vi: onnx.ValueInfoProto) -> str:
         return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
@@ -126,15 +150,28 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
     outputs = [(o.name, shape(o), dtype(o)) for o in proto.graph.output]
     _, rep = pipeline.fold(bir.from_proto(proto, source=str(model)))
     if as_json:
-        click.echo(json.dumps({
-            "model": str(model), "opset": bir.default_opset(proto), "ir_version": proto.ir_version,
-            "producer": proto.producer_name, "inputs": inputs, "outputs": outputs,
-            "ops": dict(ops.most_common()), "fold": rep.to_dict(),
-        }, indent=2, sort_keys=True))
+        click.echo(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "opset": bir.default_opset(proto),
+                    "ir_version": proto.ir_version,
+                    "producer": proto.producer_name,
+                    "inputs": inputs,
+                    "outputs": outputs,
+                    "ops": dict(ops.most_common()),
+                    "fold": rep.to_dict(),
+                },
+                indent=2,
+                sort_keys=True,
+            )
+        )
         return
-    click.echo(f"{model}: opset {bir.default_opset(proto)}, IR {proto.ir_version}, "
-               f"producer {proto.producer_name or '?'} {proto.producer_version}, "
-               f"{len(proto.graph.node)} nodes, {len(proto.graph.initializer)} initializers")
+    click.echo(
+        f"{model}: opset {bir.default_opset(proto)}, IR {proto.ir_version}, "
+        f"producer {proto.producer_name or '?'} {proto.producer_version}, "
+        f"{len(proto.graph.node)} nodes, {len(proto.graph.initializer)} initializers"
+    )
     for kind, rows in (("input", inputs), ("output", outputs)):
         for name, shp, dt in rows:
             click.echo(f"  {kind:<6} {name}: {dt}[{shp}]")
@@ -148,21 +185,51 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
 @cli.command()
 @click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("candidate", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--inputs", type=click.Path(dir_okay=False, path_type=Path),
-              help=".npz with one array per input name (or .npy for one input).")
-@click.option("--random", "n_random", type=click.IntRange(min=1), default=None,
-              help="Use this many random input sets instead (default 1 when --inputs is absent).")
+@click.option(
+    "--inputs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=".npz with one array per input name (or .npy for one input).",
+)
+@click.option(
+    "--random",
+    "n_random",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Use this many random input sets instead (default 1 when --inputs is absent).",
+)
 @shape_option
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-6, show_default=True,
-              help="Absolute tolerance of the gate.")
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-5, show_default=True,
-              help="Tolerance relative to max|reference output| of the gate.")
+@click.option(
+    "--atol",
+    type=click.FloatRange(min=0),
+    default=1e-6,
+    show_default=True,
+    help="Absolute tolerance of the gate.",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=1e-5,
+    show_default=True,
+    help="Tolerance relative to max|reference output| of the gate.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Also write the metrics as JSON to this file.")
-def verify(reference: Path, candidate: Path, inputs: Path | None, n_random: int | None,
-           shapes: tuple[tuple[str, tuple[int, ...]], ...], atol: float, rtol: float, seed: int,
-           json_out: Path | None) -> None:
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the metrics as JSON to this file.",
+)
+def verify(
+    reference: Path,
+    candidate: Path,
+    inputs: Path | None,
+    n_random: int | None,
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    atol: float,
+    rtol: float,
+    seed: int,
+    json_out: Path | None,
+) -> None:
     """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) and compare their outputs.
 
     PASS when every output is finite and max abs error <= ATOL + RTOL x max|reference|; exit
@@ -176,8 +243,16 @@ def verify(reference: Path, candidate: Path, inputs: Path | None, n_random: int 
     for p in (reference, candidate):
         if not p.is_file():
             raise BnfoldError(f"{p}: no such file")
-    result = check.verify(reference, candidate, inputs=inputs, random=n_random or 1,
-                          shapes=dict(shapes), atol=atol, rtol=rtol, seed=seed)
+    result = check.verify(
+        reference,
+        candidate,
+        inputs=inputs,
+        random=n_random or 1,
+        shapes=dict(shapes),
+        atol=atol,
+        rtol=rtol,
+        seed=seed,
+    )
     if json_out:
         write_json(json_out, result.to_dict())
     click.echo(result.table())

@@ -206,9 +206,7 @@ def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
 
 def _tensor_bytes(model: ir.Model) -> int:
     return sum(
-        v.const_value.nbytes
-        for v in model.graph.initializers.values()
-        if v.const_value is not None
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
     )
 
 

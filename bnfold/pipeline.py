@@ -25,7 +25,9 @@ class InternalError(RuntimeError):
 
 def _count(model: ir.Model, op: str | None = None) -> int:
     return sum(
-        1 for n in ir.traversal.RecursiveGraphIterator(model.graph) if op is None or is_onnx_op(n, op)
+        1
+        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        if op is None or is_onnx_op(n, op)
     )
 
 
@@ -59,13 +61,18 @@ def fold(
         model = bir.from_proto(model, source=source)
     else:
         source = model.graph.name or "<model>"
-    report = FoldReport(source=source, bn_before=_count(model, "BatchNormalization"),
-                        nodes_before=_count(model))
+    report = FoldReport(
+        source=source, bn_before=_count(model, "BatchNormalization"), nodes_before=_count(model)
+    )
     done: list[str] = []
     for name in steps:
         if name not in PASSES:
             raise BnfoldError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
-        pass_ = PASSES[name](forward=forward, to_affine=to_affine) if name == "fold_bn" else PASSES[name]()
+        pass_ = (
+            PASSES[name](forward=forward, to_affine=to_affine)
+            if name == "fold_bn"
+            else PASSES[name]()
+        )
         before = _count(model)
         start = time.perf_counter()
         try:
@@ -78,14 +85,24 @@ def fold(
         done.append(name)
         changed = result.changed if isinstance(result, BnfoldPassResult) else []
         declined = result.declined if isinstance(result, BnfoldPassResult) else []
-        report.passes.append(PassStat(name, result.modified, ms, before, _count(model),
-                                      len(changed), len(declined)))
+        report.passes.append(
+            PassStat(name, result.modified, ms, before, _count(model), len(changed), len(declined))
+        )
         report.pass_ms += ms
-        logger.info("step %-15s %7.2f ms  nodes %d -> %d  changed %d declined %d",
-                    name, ms, before, _count(model), len(changed), len(declined))
+        logger.info(
+            "step %-15s %7.2f ms  nodes %d -> %d  changed %d declined %d",
+            name,
+            ms,
+            before,
+            _count(model),
+            len(changed),
+            len(declined),
+        )
         if name == "fold_bn":
             for rec in [*changed, *declined]:
-                (report.batchnorms if rec.op == "BatchNormalization" else report.affine_ops).append(rec)
+                (report.batchnorms if rec.op == "BatchNormalization" else report.affine_ops).append(
+                    rec
+                )
     report.bn_after = _count(model, "BatchNormalization")
     report.nodes_after = _count(model)
     if check:

@@ -40,7 +40,7 @@ def conv_transpose_scale_out(w: np.ndarray, s: np.ndarray, group: int) -> np.nda
 
 
 def gemm_b_scale_out(b: np.ndarray, s: np.ndarray, trans_b: bool) -> np.ndarray:
-    """Gemm/MatMul weight: scale output column ``n`` by ``s[n]`` (B is (K,N), or (N,K) if transB)."""
+    """Gemm/MatMul weight: scale output column n by s[n] (B is (K,N), or (N,K) if transB)."""
     return b * (s[:, None] if trans_b else s[None, :])
 
 

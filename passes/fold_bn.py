@@ -252,9 +252,9 @@ def find_site(aff: Affine) -> Site:
         raise Declined("this Add is the MatMul's bias; nothing to fold it into")
     site.bias_add = bias_add
     if bias_add is not None:
-        site.bias = np.asarray(const_array(next(
-            v for v in bias_add.inputs if const_array(v) is not None
-        )), np.float64)
+        site.bias = np.asarray(
+            const_array(next(v for v in bias_add.inputs if const_array(v) is not None)), np.float64
+        )
     return site
 
 
@@ -273,7 +273,9 @@ def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> st
         if node.op_type == "Conv":
             w = _linear.conv_scale_out(site.weight, s)
         else:
-            w = _linear.conv_transpose_scale_out(site.weight, s, node.attributes.get_int("group", 1))
+            w = _linear.conv_transpose_scale_out(
+                site.weight, s, node.attributes.get_int("group", 1)
+            )
         w = _cast(w, dt, "weight")
         b = _cast(_linear.bias_after(site.bias, s, t), dt, "bias")
         set_constant_input(graph, namer, node, 1, w, f"{name}_W")
@@ -400,7 +402,9 @@ def _consumers(aff: Affine) -> list[_Consumer]:
     return found
 
 
-def _fold_forward(graph: ir.Graph, namer: Namer, aff: Affine, consumers: list[_Consumer]) -> list[str]:
+def _fold_forward(
+    graph: ir.Graph, namer: Namer, aff: Affine, consumers: list[_Consumer]
+) -> list[str]:
     names = []
     # Compute every new tensor first: a decline (overflow) must leave the graph untouched.
     plans = []
@@ -410,7 +414,9 @@ def _fold_forward(graph: ir.Graph, namer: Namer, aff: Affine, consumers: list[_C
         if c.node.op_type == "Conv":
             group = c.node.attributes.get_int("group", 1)
             w, b = _linear.conv_fold_input(c.weight, c.bias, c.s, c.t, group)
-            plans.append((c, name, _cast(w, dt, "weight"), None if b is None else _cast(b, dt, "bias")))
+            plans.append(
+                (c, name, _cast(w, dt, "weight"), None if b is None else _cast(b, dt, "bias"))
+            )
         elif c.node.op_type == "Gemm":
             trans_b = bool(c.node.attributes.get_int("transB", 0))
             alpha = float(c.node.attributes.get_float("alpha", 1.0))
@@ -422,7 +428,9 @@ def _fold_forward(graph: ir.Graph, namer: Namer, aff: Affine, consumers: list[_C
                     bias = c.bias + alpha * shift / beta
                 else:
                     bias = alpha * shift
-            plans.append((c, name, _cast(w, dt, "weight"), None if bias is None else _cast(bias, dt, "bias")))
+            plans.append(
+                (c, name, _cast(w, dt, "weight"), None if bias is None else _cast(bias, dt, "bias"))
+            )
         else:
             w, shift = _linear.matrix_fold_input(c.weight, c.s, c.t, False)
             bias = _cast(shift, dt, "bias") if np.any(shift) else None
@@ -458,10 +466,18 @@ def _to_mul_add(graph: ir.Graph, namer: Namer, aff: Affine) -> None:
     scale = _cast(aff.scale.reshape(shape), dt, "scale")
     shift = _cast(aff.shift.reshape(shape), dt, "shift")
     out = node.outputs[0]
-    s_val = ir.Value(name=namer(f"{base}_scale"), shape=ir.Shape(shape), type=ir.TensorType(dt.dtype),
-                     const_value=ir.tensor(scale))
-    t_val = ir.Value(name=namer(f"{base}_shift"), shape=ir.Shape(shape), type=ir.TensorType(dt.dtype),
-                     const_value=ir.tensor(shift))
+    s_val = ir.Value(
+        name=namer(f"{base}_scale"),
+        shape=ir.Shape(shape),
+        type=ir.TensorType(dt.dtype),
+        const_value=ir.tensor(scale),
+    )
+    t_val = ir.Value(
+        name=namer(f"{base}_shift"),
+        shape=ir.Shape(shape),
+        type=ir.TensorType(dt.dtype),
+        const_value=ir.tensor(shift),
+    )
     for v in (s_val, t_val):
         v.const_value.name = v.name
         graph.register_initializer(v)
@@ -509,7 +525,9 @@ class FoldBn(ir.passes.InPlacePass):
 
         def done(node: ir.Node, direction: str, into: list[str]) -> None:
             kind = "BatchNormalization" if node.op_type == "BatchNormalization" else node.op_type
-            result.changed.append(Record(labels.get(node) or label(node), kind, "folded", direction, into))
+            result.changed.append(
+                Record(labels.get(node) or label(node), kind, "folded", direction, into)
+            )
             result.modified = True
             logger.debug("folded %s %s into %s", labels.get(node) or label(node), direction, into)
 
@@ -550,7 +568,11 @@ class FoldBn(ir.passes.InPlacePass):
         for node in ir.traversal.RecursiveGraphIterator(graph):
             if node.graph is not graph and is_onnx_op(node, "BatchNormalization"):
                 result.declined.append(
-                    Record(label(node), "BatchNormalization", "kept",
-                           reason="inside a subgraph (If/Loop/Scan body); not folded")
+                    Record(
+                        label(node),
+                        "BatchNormalization",
+                        "kept",
+                        reason="inside a subgraph (If/Loop/Scan body); not folded",
+                    )
                 )
         return result

@@ -37,12 +37,18 @@ class LiftConstants(ir.passes.InPlacePass):
                 graph.inputs.remove(v)
             if weights:
                 result.changed.append(
-                    Record(f"{len(weights)} initializers", "input", "lifted",
-                           reason="IR < 4 listed weights as graph inputs")
+                    Record(
+                        f"{len(weights)} initializers",
+                        "input",
+                        "lifted",
+                        reason="IR < 4 listed weights as graph inputs",
+                    )
                 )
             model.ir_version = 4
             result.modified = True
-        constants = [n for n in ir.traversal.RecursiveGraphIterator(graph) if is_onnx_op(n, "Constant")]
+        constants = [
+            n for n in ir.traversal.RecursiveGraphIterator(graph) if is_onnx_op(n, "Constant")
+        ]
         lifted = LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
         if lifted.modified:
             result.modified = True

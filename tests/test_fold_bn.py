@@ -49,9 +49,7 @@ def header(opset: int) -> str:
 
 @pytest.mark.parametrize("dtype", ["float", "float16"])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(
-    ("dims", "group"), [(1, 1), (2, 1), (2, 2), (2, 8), (3, 1), (3, 4)]
-)
+@pytest.mark.parametrize(("dims", "group"), [(1, 1), (2, 1), (2, 2), (2, 8), (3, 1), (3, 4)])
 @pytest.mark.parametrize("opset", [7, 9, 13, 15])
 def test_conv_bn_backward(dtype: str, bias: bool, dims: int, group: int, opset: int) -> None:
     npdt = DTYPES[dtype]
@@ -167,8 +165,12 @@ def test_conv_add_bn_pp_ocr_pattern(op: str) -> None:
         a = {op} (c, Bias)
         {bn_call("a", "y")}
     }}"""
-    model = parse(text, W=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
-                  Bias=RNG.standard_normal((1, 4, 1, 1)).astype(np.float32), **bn_params(4))
+    model = parse(
+        text,
+        W=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        Bias=RNG.standard_normal((1, 4, 1, 1)).astype(np.float32),
+        **bn_params(4),
+    )
     folded, report = fold(model)
     assert [n.op_type for n in folded.graph.node] == ["Conv"]
     assert len(report.affine_ops) == 1 and report.affine_ops[0].op == op
@@ -182,8 +184,12 @@ def test_conv_transpose_add_bn() -> None:
         a = Add (c, Bias)
         {bn_call("a", "y")}
     }}"""
-    model = parse(text, W=RNG.standard_normal((4, 2, 2, 2)).astype(np.float32),
-                  Bias=RNG.standard_normal((2, 1, 1)).astype(np.float32), **bn_params(2))
+    model = parse(
+        text,
+        W=RNG.standard_normal((4, 2, 2, 2)).astype(np.float32),
+        Bias=RNG.standard_normal((2, 1, 1)).astype(np.float32),
+        **bn_params(2),
+    )
     folded, _ = fold(model)
     assert [n.op_type for n in folded.graph.node] == ["ConvTranspose"]
     outputs_close(model, folded, feeds_for(model))
@@ -197,10 +203,13 @@ def test_mul_add_chain_after_conv() -> None:
         m = Mul (c, S)
         y = Add (T, m)
     }}"""
-    model = parse(text, W=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
-                  B=RNG.standard_normal(4).astype(np.float32),
-                  S=RNG.uniform(0.5, 2, (4, 1, 1)).astype(np.float32),
-                  T=RNG.standard_normal((1, 4, 1, 1)).astype(np.float32))
+    model = parse(
+        text,
+        W=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        B=RNG.standard_normal(4).astype(np.float32),
+        S=RNG.uniform(0.5, 2, (4, 1, 1)).astype(np.float32),
+        T=RNG.standard_normal((1, 4, 1, 1)).astype(np.float32),
+    )
     folded, report = fold(model)
     assert [n.op_type for n in folded.graph.node] == ["Conv"]
     assert [r.op for r in report.affine_ops] == ["Mul", "Add"]
@@ -299,8 +308,12 @@ def test_shared_weight_is_copied_not_changed() -> None:
         {bn_call("c1", "y1", "p")}
         {bn_call("c2", "y2", "q")}
     }}"""
-    model = parse(text, W=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
-                  **bn_params(4, prefix="p"), **bn_params(4, prefix="q"))
+    model = parse(
+        text,
+        W=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        **bn_params(4, prefix="p"),
+        **bn_params(4, prefix="q"),
+    )
     folded, report = fold(model)
     assert report.counts()["folded_backward"] == 2
     weights = [n.input[1] for n in folded.graph.node]
@@ -401,8 +414,12 @@ def test_fold_is_idempotent_and_deterministic() -> None:
         c = Conv <pads=[1,1,1,1]> (n, W)
         {bn_call("c", "y", "p")}
     }}"""
-    model = parse(text, W=RNG.standard_normal((6, 4, 3, 3)).astype(np.float32),
-                  **bn_params(4), **bn_params(6, prefix="p"))
+    model = parse(
+        text,
+        W=RNG.standard_normal((6, 4, 3, 3)).astype(np.float32),
+        **bn_params(4),
+        **bn_params(6, prefix="p"),
+    )
     once, _ = fold(model)
     again, report = fold(once)
     assert bir.to_bytes(once) == bir.to_bytes(again)

@@ -50,8 +50,10 @@ def noise_floor(model: Path, feeds: dict[str, np.ndarray], ref: dict[str, np.nda
     rng = np.random.default_rng(1)
     worst = 0.0
     for _ in range(2):
-        moved = {k: (v * (1 + 1e-7 * rng.choice([-1.0, 1.0], v.shape))).astype(v.dtype)
-                 for k, v in feeds.items()}
+        moved = {
+            k: (v * (1 + 1e-7 * rng.choice([-1.0, 1.0], v.shape))).astype(v.dtype)
+            for k, v in feeds.items()
+        }
         out = run_onnxruntime(model, moved)
         worst = max(worst, max(float(np.max(np.abs(out[k] - ref[k]))) for k in ref))
     return worst
@@ -77,13 +79,20 @@ def test_real_model_folds_and_verifies(name: str) -> None:
         scale = float(np.max(np.abs(ref[key])))
         err = float(np.max(np.abs(ref[key] - got[key])))
         bound = max(1e-5 * scale, 2 * floor)
-        print(f"{name}: {report.bn_before} BN, fold {report.pass_ms:.1f} ms pass / "
-              f"{elapsed * 1e3:.0f} ms total, err {err:.3g} max|ref| {scale:.3g} "
-              f"floor {floor:.3g}")
+        print(
+            f"{name}: {report.bn_before} BN, fold {report.pass_ms:.1f} ms pass / "
+            f"{elapsed * 1e3:.0f} ms total, err {err:.3g} max|ref| {scale:.3g} "
+            f"floor {floor:.3g}"
+        )
         assert err <= bound, f"{key}: {err:g} > {bound:g} (floor {floor:g}, max|ref| {scale:g})"
         assert np.all(np.isfinite(got[key]))
-    cos = [float(np.dot(ref[k].ravel(), got[k].ravel())
-                 / (np.linalg.norm(ref[k]) * np.linalg.norm(got[k]))) for k in ref]
+    cos = [
+        float(
+            np.dot(ref[k].ravel(), got[k].ravel())
+            / (np.linalg.norm(ref[k]) * np.linalg.norm(got[k]))
+        )
+        for k in ref
+    ]
     assert min(cos) > 0.999999
 
 
