@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 
 def load(path: Any, **kwargs: Any) -> ir.Model:
-    """Load, check and normalize an ONNX model; see :func:`bnfold.ir.load`."""
+    """Load and check an ONNX model (weights are normalized by the fold pipeline); see
+    :func:`bnfold.ir.load`."""
     from bnfold import ir as _ir
 
     return _ir.load(path, **kwargs)

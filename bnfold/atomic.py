@@ -25,6 +25,10 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
         prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
     )
     os.close(fd)
+    # mkstemp creates 0600; outputs get the mode a plain open() would give (0666 & ~umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)
     tmp = Path(tmp_name)
     try:
         yield tmp

@@ -60,9 +60,9 @@ def cli(verbose: int) -> None:
     )
 
 
-def _check_output_path(out: Path, inp: Path) -> None:
-    if out.resolve() == inp.resolve():
-        raise BnfoldError(f"{out}: output would overwrite the input model")
+def _check_output_path(out: Path, *inputs: Path) -> None:
+    if any(out.resolve() == inp.resolve() for inp in inputs):
+        raise BnfoldError(f"{out}: output would overwrite the input model or another output")
     if out.exists() and out.is_dir():
         raise BnfoldError(f"{out}: is a directory")
 
@@ -111,6 +111,8 @@ def fold(
     from bnfold.atomic import write_json
 
     _check_output_path(output, model)
+    if report:
+        _check_output_path(report, model, output)
     t0 = time.perf_counter()
     folded, rep = pipeline.fold(bir.load(model), forward=not no_forward, to_affine=not no_affine)
     rep.source = str(model)
@@ -238,6 +240,8 @@ def verify(
     from bnfold import check
     from bnfold.atomic import write_json
 
+    if json_out:
+        _check_output_path(json_out, reference, candidate)
     if inputs is not None and n_random is not None:
         raise click.UsageError("give --inputs or --random, not both")
     for p in (reference, candidate):
@@ -280,7 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        if isinstance(e, click.exceptions.NoArgsIsHelpError):
+            e.show()  # `bnfold` alone prints the help
+        else:  # a usage error is one line, like every other bad input
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
         sys.exit(EXIT_BAD_INPUT if e.exit_code not in (0, 1) else e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -119,7 +119,8 @@ def load_proto(
             f"{p}: {size + external} bytes with external data is over the size limit of "
             f"{max_size_bytes} bytes"
         )
-    if external:
+    tensors = onnx.external_data_helper._get_all_tensors(proto)
+    if any(map(onnx.external_data_helper.uses_external_data, tensors)):  # "length" is optional
         try:
             onnx.load_external_data_for_model(proto, str(p.parent))
         except Exception as e:
@@ -245,7 +246,19 @@ def save(
         )
         onnx.external_data_helper.write_external_data_tensors(proto, str(tmp_dir))
         (tmp_dir / target.name).write_bytes(proto.SerializeToString(deterministic=True))
-        os.replace(tmp_dir / data_name, target.parent / data_name)
-        os.replace(tmp_dir / target.name, target)
+        old_data = target.parent / data_name
+        backup = tmp_dir / (data_name + ".old")
+        if old_data.exists():
+            # Keep the previous data file until the new model is in place: if the model rename
+            # fails, the old model gets its own data back instead of the new one.
+            os.replace(old_data, backup)
+        try:
+            if (tmp_dir / data_name).exists():  # absent when every tensor is under the threshold
+                os.replace(tmp_dir / data_name, old_data)
+            os.replace(tmp_dir / target.name, target)
+        except BaseException:
+            if backup.exists():
+                os.replace(backup, old_data)
+            raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)

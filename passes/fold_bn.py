@@ -252,6 +252,12 @@ def find_site(aff: Affine) -> Site:
         raise Declined("this Add is the MatMul's bias; nothing to fold it into")
     site.bias_add = bias_add
     if bias_add is not None:
+        # A bias of higher rank broadcasts the MatMul output up: the channel axis is then the
+        # last axis of the Add's output, not of the MatMul's.
+        rank = _rank(bias_add.outputs[0])
+        if rank is None:
+            raise Declined("rank of the MatMul bias Add output is unknown")
+        site.out_rank, site.axis = rank, rank - 1
         site.bias = np.asarray(
             const_array(next(v for v in bias_add.inputs if const_array(v) is not None)), np.float64
         )
