@@ -127,7 +127,7 @@ def fold(
 @cli.command()
 @model_arg
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
-@click.option("--brief", is_flag=True, help="Omit the per-op counts.")
+@click.option("--brief", is_flag=True, help="Omit the per-op counts and the per-BN table.")
 def inspect(model: Path, as_json: bool, brief: bool) -> None:
     """Show MODEL's inputs, outputs, op counts, and every BN with whether and how it can fold."""
     import collections
@@ -181,7 +181,7 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
         click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
     click.echo("")
     click.echo("what fold would do:")
-    click.echo(rep.table())
+    click.echo(rep.summary() if brief else rep.table())
 
 
 @cli.command()

@@ -56,6 +56,17 @@ class FoldReport:
         d["counts"] = self.counts()
         return d
 
+    def summary(self) -> str:
+        """Two lines of totals: BN outcomes, node counts and time."""
+        c = self.counts()
+        return (
+            f"BN: {self.bn_before} -> {self.bn_after}  (folded backward {c['folded_backward']}, "
+            f"forward {c['folded_forward']}, as Mul+Add {c['affine']}, kept {c['kept']}); "
+            f"constant Mul/Add folded: {len(self.affine_ops)}\n"
+            f"nodes: {self.nodes_before} -> {self.nodes_after}; pass time {self.pass_ms:.1f} ms, "
+            f"total {self.total_ms:.1f} ms"
+        )
+
     def table(self) -> str:
         """A plain-text table of every BN, then totals (what the CLI prints)."""
         rows = [("BatchNormalization", "result", "into / reason")]
@@ -66,17 +77,13 @@ class FoldReport:
                 rows.append((r.node, r.action, r.reason or ""))
         w0 = min(max(len(r[0]) for r in rows), 48)
         w1 = max(len(r[1]) for r in rows)
-        lines = [f"{a[:w0]:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
+
+        def fit(name: str) -> str:
+            # Exporters' names share long prefixes; the tail is what tells two nodes apart.
+            return name if len(name) <= w0 else "…" + name[-(w0 - 1) :]
+
+        lines = [f"{fit(a):<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
         lines.insert(1, "-" * min(w0 + w1 + 40, 120))
-        c = self.counts()
         lines.append("")
-        lines.append(
-            f"BN: {self.bn_before} -> {self.bn_after}  (folded backward {c['folded_backward']}, "
-            f"forward {c['folded_forward']}, as Mul+Add {c['affine']}, kept {c['kept']}); "
-            f"constant Mul/Add folded: {len(self.affine_ops)}"
-        )
-        lines.append(
-            f"nodes: {self.nodes_before} -> {self.nodes_after}; pass time {self.pass_ms:.1f} ms, "
-            f"total {self.total_ms:.1f} ms"
-        )
+        lines.append(self.summary())
         return "\n".join(lines)
