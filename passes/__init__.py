@@ -6,8 +6,11 @@ The registry key, the file name and the CLI name are the same word (``fold_bn`` 
 
 from __future__ import annotations
 
+from bnfold.passes.bias_correction import BiasCorrection
+from bnfold.passes.equalize import Equalize
 from bnfold.passes.fold_bn import FoldBn
 from bnfold.passes.lift_constants import LiftConstants
+from bnfold.passes.quantize_int8 import QuantizeInt8
 from bnfold.passes.remove_identity import RemoveIdentity
 from bnfold.passes.remove_unused import RemoveUnused
 
@@ -16,9 +19,25 @@ PASSES = {
     "remove_identity": RemoveIdentity,
     "fold_bn": FoldBn,
     "remove_unused": RemoveUnused,
+    "equalize": Equalize,
+    "bias_correction": BiasCorrection,
+    "quantize_int8": QuantizeInt8,
 }
 
 # The default fp32 pipeline, in order.
 FP32 = ("lift_constants", "remove_identity", "fold_bn", "remove_unused")
+# int8, on the folded graph; driven by bnfold.quantize (needs calibration data).
+INT8 = ("equalize", "bias_correction", "quantize_int8")
 
-__all__ = ["FP32", "PASSES", "FoldBn", "LiftConstants", "RemoveIdentity", "RemoveUnused"]
+__all__ = [
+    "FP32",
+    "INT8",
+    "PASSES",
+    "BiasCorrection",
+    "Equalize",
+    "FoldBn",
+    "LiftConstants",
+    "QuantizeInt8",
+    "RemoveIdentity",
+    "RemoveUnused",
+]

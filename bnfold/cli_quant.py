@@ -1,0 +1,251 @@
+"""CLI command ``bnfold quantize``, and the options ``compile --int8`` can share.
+
+Registered explicitly by :mod:`bnfold.cli` through :data:`COMMANDS`. Nothing heavy is imported
+at module level: numpy, onnx, onnxruntime and matplotlib load inside the command.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnfold.errors import BnfoldError
+
+INT8_MODEL = "model.int8.onnx"
+REPORT = "quant_report.json"
+PLOT = "sqnr.png"
+
+
+class SizeType(click.ParamType):
+    """``N`` (a short side) or ``HxW``."""
+
+    name = "N|HxW"
+
+    def __init__(self, allow_int: bool = True) -> None:
+        self.allow_int = allow_int
+        if not allow_int:
+            self.name = "HxW"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (int, tuple)):
+            return value
+        parts = str(value).lower().split("x")
+        try:
+            dims = [int(p) for p in parts]
+        except ValueError:
+            self.fail(f"'{value}' is not {self.name} with positive integers", param, ctx)
+        if any(d <= 0 for d in dims) or len(dims) not in ((1, 2) if self.allow_int else (2,)):
+            self.fail(f"'{value}' is not {self.name} with positive integers", param, ctx)
+        return dims[0] if len(dims) == 1 else (dims[0], dims[1])
+
+
+class FloatsType(click.ParamType):
+    """Comma-separated floats, e.g. ``0.485,0.456,0.406``."""
+
+    name = "F[,F...]"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            vals = tuple(float(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"'{value}' is not a comma-separated list of numbers", param, ctx)
+        if self.positive and any(not v > 0 for v in vals):
+            self.fail(f"'{value}': every value must be positive", param, ctx)
+        return vals
+
+
+DATA = click.Path(exists=False, path_type=Path)
+QUANT_OPTIONS: tuple[Callable[[Any], Any], ...] = (
+    click.option("--calib", "calib_path", type=DATA, default=None,
+                 help="Calibration data: a folder of .jpg/.png images, or an .npz (one array per "
+                      "input) / .npy of ready inputs, first axis = samples."),
+    click.option("--calib-size", type=click.IntRange(min=1), default=None,
+                 help="Use at most this many calibration samples (images in name order)."),
+    click.option("--eval", "eval_path", type=DATA, default=None,
+                 help="Held-out data for the accuracy report (same formats as --calib). Default: "
+                      "hold out --eval-fraction of the --calib samples."),
+    click.option("--eval-size", type=click.IntRange(min=1), default=None,
+                 help="Use at most this many --eval samples."),
+    click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 default=0.2, show_default=True,
+                 help="Without --eval: the fraction of --calib samples held out for evaluation "
+                      "(every k-th sample; never used to calibrate)."),
+    click.option("--per-tensor", is_flag=True,
+                 help="One weight scale per tensor instead of one per output channel."),
+    click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8",
+                 show_default=True, help="Element type of quantized activations."),
+    click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
+                 default="minmax", show_default=True,
+                 help="How activation ranges are calibrated (onnxruntime's calibrators)."),
+    click.option("--percentile", type=click.FloatRange(50, 100), default=99.999,
+                 show_default=True, help="The percentile of --method percentile."),
+    click.option("--cle/--no-cle", default=True, show_default=True,
+                 help="Cross-layer equalization of Conv->activation->Conv pairs after folding."),
+    click.option("--bias-correction", type=click.Choice(["empirical", "analytic", "none"]),
+                 default="empirical", show_default=True,
+                 help="Correct the output shift of int8 weights, from calibration data "
+                      "(empirical) or from the folded BNs' statistics (analytic, data-free)."),
+    click.option("--exclude", multiple=True, metavar="NODE",
+                 help="Keep this node (by name) in float. Repeatable."),
+    click.option("--resize", type=SizeType(), default=None,
+                 help="Images: resize the short side to N (aspect kept), or to exactly HxW. "
+                      "Default: straight to the crop size."),
+    click.option("--crop", type=SizeType(allow_int=False), default=None,
+                 help="Images: center crop HxW (default: the model input's size)."),
+    click.option("--mean", type=FloatsType(), default="0", show_default=True,
+                 help="Images: subtracted after --scale; one value or one per channel (RGB)."),
+    click.option("--std", type=FloatsType(positive=True), default="1", show_default=True,
+                 help="Images: divides after --mean; one value or one per channel (RGB)."),
+    click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1 / 255,
+                 show_default="1/255", help="Images: multiplies the 0..255 pixel values first."),
+    click.option("--bgr", is_flag=True, help="Images: feed channels in BGR order."),
+    click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+                 help="Images: the input layout (default: guessed from the model input)."),
+    click.option("--min-top1-agreement", type=click.FloatRange(0, 1), default=None,
+                 help="Fail (exit 1) if int8 top-1 agrees with fp32 on fewer held-out samples."),
+    click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+                 help="Fail (exit 1) if the mean cosine similarity of the outputs is lower."),
+)  # fmt: skip
+
+
+def quant_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply every :data:`QUANT_OPTIONS` to a command (``compile --int8`` can reuse them)."""
+    for option in reversed(QUANT_OPTIONS):
+        f = option(f)
+    return f
+
+
+class _Bars:
+    """One click progress bar per stage, on stderr. Only on a terminal: in a log, or when
+    stderr is captured, bars would be noise around the one-line error contract."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.stage: str | None = None
+        self.bar: Any = None
+        self.done = 0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self.stage:
+            self.close()
+            self.stage, self.done = stage, 0
+            self.bar = click.progressbar(length=total, label=f"{stage:<16}", file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+    def counter(self, stage: str, total: int) -> Callable[[int], None]:
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            self(stage, done, total)
+
+        return tick
+
+
+def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
+    """Everything ``bnfold quantize`` does, given its parsed options; returns the QuantReport.
+
+    Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``, then applies the
+    accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1).
+    """
+    from bnfold import calib, quant_report
+    from bnfold import ir as bir
+    from bnfold.atomic import write_bytes, write_json
+    from bnfold.quantize import quantize
+
+    if opts["calib_path"] is None:
+        raise click.UsageError("int8 quantization needs --calib DATA (images, .npz or .npy)")
+    if outdir.exists() and not outdir.is_dir():
+        raise BnfoldError(f"{outdir}: exists and is not a folder")
+    if (outdir / INT8_MODEL).resolve() == model.resolve():
+        raise BnfoldError(f"{outdir / INT8_MODEL}: would overwrite the input model")
+    proto = bir.load_proto(model)
+    specs = calib.input_specs(proto)
+    pre = calib.Preprocess(
+        resize=opts["resize"], crop=opts["crop"], mean=opts["mean"], std=opts["std"],
+        scale=opts["scale"], bgr=opts["bgr"], layout=opts["layout"],
+    )  # fmt: skip
+    bars = _Bars()
+    try:
+        samples = _load(opts["calib_path"], specs, pre, opts["calib_size"], bars, "reading calib")
+        if opts["eval_path"] is not None:
+            cal = samples
+            held = _load(opts["eval_path"], specs, pre, opts["eval_size"], bars, "reading eval")
+        else:
+            cal, held = calib.split(samples, opts["eval_fraction"])
+        int8, report = quantize(
+            model, cal, per_channel=not opts["per_tensor"],
+            activation_type=opts["activation_type"], method=opts["method"], cle=opts["cle"],
+            bias_correction=opts["bias_correction"], exclude=opts["exclude"],
+            percentile=opts["percentile"], progress=bars,
+        )  # fmt: skip
+        held_batches = calib.batches(held, specs)
+        n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
+        acc = quant_report.evaluate(
+            model, int8, report, held_batches, progress=bars.counter("evaluating", n_held)
+        )
+    finally:
+        bars.close()
+    report.source = str(model)
+    outdir.mkdir(parents=True, exist_ok=True)
+    write_bytes(outdir / INT8_MODEL, int8.SerializeToString(deterministic=True))
+    write_json(outdir / REPORT, report.to_dict())
+    quant_report.plot_sqnr(report, acc, outdir / PLOT)
+    click.echo(report.table())
+    click.echo("")
+    click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
+    click.echo(acc.table())
+    click.echo(f"wrote {outdir / INT8_MODEL}, {outdir / REPORT}, {outdir / PLOT}")
+    quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"])
+    return report
+
+
+def _load(
+    path: Path, specs: Any, pre: Any, limit: int | None, bars: _Bars, stage: str
+) -> list[Any]:
+    from bnfold import calib
+
+    total = limit or 0
+    if path.is_dir():
+        total = min(len(calib.list_images(path)), limit or 10**9)
+    return calib.load_samples(path, specs, pre, limit, bars.counter(stage, max(total, 1)))
+
+
+@click.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
+              required=True,
+              help=f"Folder for {INT8_MODEL} (QDQ), {REPORT} and {PLOT}.")  # fmt: skip
+@quant_options
+def quantize_cmd(model: Path, outdir: Path, **opts: Any) -> None:
+    """Quantize MODEL to int8 (QDQ ONNX) from calibration data, and report its accuracy.
+
+    BatchNormalization is folded first; then cross-layer equalization, calibration of the
+    activation ranges (onnxruntime's calibrators), bias correction, and int8 weights
+    (per-channel unless --per-tensor). The int8 model is compared with MODEL on held-out
+    samples (top-1/top-5 agreement, cosine similarity, per-layer SQNR); exit code 1 when a
+    --min-* gate fails.
+    """
+    run_quantize(model, outdir, **opts)
+
+
+COMMANDS = (quantize_cmd,)
