@@ -6,15 +6,19 @@ CACHE   := .cache/models
 OUT     := out
 STAMP   := $(VENV)/.installed
 DEMO    := mobilenet_v2
+# Where bnfold caches what it builds for running artifacts (the aarch64 runner under qemu).
+export BNFOLD_CACHE := $(CURDIR)/.cache/bnfold
+# Cross toolchains and user-mode emulation for the arm64/armv7 targets (Debian packages).
+CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf
 
-.PHONY: venv models demo test lint clean
+.PHONY: venv models demo test lint clean cross-tools bench
 
 # The venv is rebuilt when the package metadata changes. torch is pinned to the CPU build that
 # this machine kind keeps on local disk (an unpinned torch would pull a multi-GB CUDA build).
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,models]'
+	$(BIN)/pip install -q -e '.[test,models,tvm]'
 	touch $@
 
 venv: $(STAMP)
@@ -29,11 +33,22 @@ demo: models
 	$(BIN)/bnfold inspect $(CACHE)/$(DEMO).onnx --brief
 	$(BIN)/bnfold fold $(CACHE)/$(DEMO).onnx -o $(OUT)/$(DEMO).folded.onnx --report $(OUT)/$(DEMO).fold.json
 	$(BIN)/bnfold verify $(CACHE)/$(DEMO).onnx $(OUT)/$(DEMO).folded.onnx --inputs $(CACHE)/inputs/$(DEMO).npz --rtol 1e-5
+	$(BIN)/bnfold compile $(CACHE)/$(DEMO).onnx --target x86 -o $(OUT)/$(DEMO).x86 --inputs $(CACHE)/inputs/$(DEMO).npz
+
+# Installs the cross compilers and qemu-user only when one is missing (needs root, as on CI).
+cross-tools:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
+	  && command -v arm-linux-gnueabihf-g++ >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CROSS_DEB); }
+
+# x86 latency of the compiled models vs onnxruntime (ORT_ENABLE_ALL), 1 and 2 threads.
+bench: models
+	$(BIN)/python -m benchmarks.bench_cpu --cache $(CACHE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check bnfold passes targets tests benchmarks
 
-test: models lint
+test: models lint cross-tools
 	BNFOLD_MODELS=$(CACHE) $(BIN)/pytest -q
 
 clean:

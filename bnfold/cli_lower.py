@@ -1,0 +1,227 @@
+"""CLI commands for lowering: ``bnfold compile``, ``bnfold run``, ``bnfold targets``.
+
+Registered explicitly by :mod:`bnfold.cli` through :data:`COMMANDS`. Nothing heavy is imported
+here at module level (tvm takes seconds to import; onnx a fraction of one).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bnfold.cli_types import ShapeType, tolerance_options
+from bnfold.errors import BnfoldError, CheckFailed
+from bnfold.targets import TARGETS
+
+
+class TargetType(click.ParamType):
+    """``NAME`` or ``NAME:CPU`` (``x86``, ``arm64:cortex-a72``, ``cuda:sm_90``)."""
+
+    name = "TARGET"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from bnfold import targets
+
+        try:
+            targets.get(value)
+        except BnfoldError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
+@click.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-t",
+    "--target",
+    "target",
+    type=TargetType(),
+    default="x86",
+    show_default=True,
+    help=f"Target: one of {', '.join(TARGETS)}, optionally with a CPU or CUDA arch "
+    "(arm64:cortex-a72, cuda:sm_90). `bnfold targets` lists them.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "outdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the artifact, model.folded.onnx and manifest.json.",
+)
+@click.option(
+    "--shape",
+    "shapes",
+    type=ShapeType(),
+    multiple=True,
+    help="Concrete shape of an input with dynamic dimensions, e.g. x:1x3x48x320. Repeatable.",
+)
+@click.option(
+    "--inputs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An .npz (one array per input name) to verify with; it also gives the shapes "
+    "of dynamic inputs that --shape does not.",
+)
+@click.option(
+    "--random",
+    "n_random",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Number of random input sets to verify with when --inputs is absent.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Compare the artifact with the unfolded model in onnxruntime (optimizations "
+    "off), where this machine can run the target.",
+)
+@click.option(
+    "--no-schedule",
+    is_flag=True,
+    help="CPU targets: keep TVM's unscheduled default loops instead of bnfold's schedules "
+    "(much slower; for comparison).",
+)
+@tolerance_options(atol=0.0, rtol=1e-4, what="the verification gate")
+def compile_cmd(
+    model: Path,
+    target: str,
+    outdir: Path,
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    inputs: Path | None,
+    n_random: int,
+    verify: bool,
+    no_schedule: bool,
+    atol: float,
+    rtol: float,
+) -> None:
+    """Fold MODEL, compile it with TVM for a target and write a deployable folder.
+
+    OUTDIR gets the library (model.so; CUDA adds model.fatbin), model.folded.onnx and
+    manifest.json. By default the artifact is then run (natively, or for arm64 under qemu) and
+    compared with the ORIGINAL model in onnxruntime; exit code 1 if it fails the gate
+    max abs error <= ATOL + RTOL x max|reference|.
+    """
+    from bnfold import lower
+
+    if outdir.exists() and not outdir.is_dir():
+        raise BnfoldError(f"{outdir}: exists and is not a folder")
+    try:
+        manifest = lower.compile_model(model, target, outdir, dict(shapes), verify, inputs=inputs,
+                                       atol=atol, rtol=rtol, random=n_random,
+                                       schedule=not no_schedule)  # fmt: skip
+    except CheckFailed:
+        _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
+        raise
+    c, tvm_target = manifest.compile, manifest.target["tvm"]
+    cpu = tvm_target.get("mcpu") or tvm_target.get("arch")
+    click.echo(f"compiled {model} for {manifest.target['spec']} ({cpu}) in {c['seconds']:.1f} s, "
+               f"peak RSS {c['peak_rss_mb']:.0f} MB")  # fmt: skip
+    for role, name in manifest.artifact["files"].items():
+        click.echo(f"  {role:<8} {outdir / name}")
+    click.echo(f"  folded   {outdir / lower.FOLDED}")
+    click.echo(f"  manifest {outdir / lower.MANIFEST}")
+    _echo_verification(manifest.verification)
+
+
+def _echo_verification(v: dict[str, Any]) -> None:
+    if v.get("status") == "not verified":
+        click.echo(f"not verified: {v.get('why', '?')}")
+        return
+    how = f" ({v['how']})" if v.get("how") else ""
+    click.echo(f"verification against the unfolded model in onnxruntime{how}, inputs "
+               f"{v.get('inputs')}:")  # fmt: skip
+    click.echo(v.get("table", ""))
+
+
+@click.command("run")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--inputs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="An .npz with one array per input name (default: seeded random inputs).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the outputs to this .npz (one array per output name).",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Run this many times and report the median latency.",
+)
+def run_cmd(outdir: Path, inputs: Path | None, output: Path | None, repeat: int) -> None:
+    """Run a compiled model folder (from `bnfold compile`) on inputs and show its outputs.
+
+    x86 (and arm64 on an ARM machine) runs in this process; arm64 on x86 runs under
+    qemu-aarch64-static (the runner is built and cached on first use, which takes a minute);
+    CUDA needs a GPU.
+    """
+    import numpy as np
+
+    from bnfold import runtime
+    from bnfold.atomic import atomic_path
+
+    model = runtime.load(outdir)
+    if inputs is not None:
+        try:
+            with np.load(inputs, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise BnfoldError(f"{inputs}: cannot read inputs ({str(e).splitlines()[0]})") from None
+    else:
+        rng = np.random.default_rng(0)
+        feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}
+    times, outs = [], {}
+    for _ in range(repeat):
+        start = time.perf_counter()
+        outs = model.run(feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    how = "emulated, qemu" if isinstance(model, runtime.QemuModel) else "native"
+    click.echo(f"{outdir} ({model.target}, {how}): median {statistics.median(times):.2f} ms "
+               f"over {repeat} run(s)")  # fmt: skip
+    for name, a in outs.items():
+        stats = f"min {a.min():.4g} max {a.max():.4g} mean {a.mean():.4g}" if a.size else "empty"
+        click.echo(f"  {name}: {a.dtype}{list(a.shape)} {stats}")
+    if output is not None:
+        with atomic_path(output, suffix=".npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **outs)
+        click.echo(f"wrote {output}")
+
+
+@click.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def targets_cmd(as_json: bool) -> None:
+    """List the targets, and whether this machine can build and run each (and why not)."""
+    rows = []
+    for name, target in TARGETS.items():
+        build, run = target.can_build(), target.can_run()
+        rows.append({
+            "name": name, "summary": target.summary, "default": target.spec,
+            "cpus": list(target.cpus), "build": build.ok, "build_note": build.why,
+            "run": run.ok, "run_note": run.why, "debian_packages": list(target.debian_packages),
+        })  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']:<7} {r['summary']}")
+        click.echo(f"        build here: {'yes' if r['build'] else 'no'}"
+                   + (f": {r['build_note']}" if r["build_note"] else ""))  # fmt: skip
+        click.echo(f"        run here:   {'yes' if r['run'] else 'no'}"
+                   + (f": {r['run_note']}" if r["run_note"] else ""))  # fmt: skip
+        if r["cpus"]:
+            click.echo(f"        cpu/arch:   {', '.join(r['cpus'])} (as {r['name']}:CPU)")
+
+
+COMMANDS = (compile_cmd, run_cmd, targets_cmd)

@@ -1,0 +1,418 @@
+"""Lower a folded ONNX model through TVM (Relax) to a deployable artifact, and verify it.
+
+``compile_model`` is one straight list of named steps, each timed:
+
+1. fold: :func:`bnfold.pipeline.fold` (BN folding), saved as ``model.folded.onnx``;
+2. freeze: give every input its concrete shape and fold the shape arithmetic that depends on it
+   (``Shape -> Cast -> Slice -> Concat -> Reshape`` chains, which TVM's importer cannot take),
+   and turn every ``Constant`` node into an initializer (the importer reads only ``value``);
+3. import: ``tvm.relax.frontend.onnx.from_onnx`` with the weights bound as constants;
+4. build: ``tvm.compile`` for the target (CUDA: dlight's default GPU schedules);
+5. export: the target writes its files (``model.so``; CUDA adds ``model.fatbin``);
+6. verify: the artifact against onnxruntime running the ORIGINAL, unfolded model with every
+   optimization off, with :func:`bnfold.check.verify`'s metrics and gate; skipped with a
+   reason where this machine cannot run the target.
+
+``manifest.json`` records inputs, outputs, target, versions, hashes, the fold report, the
+compile time and the verification.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import logging
+import os
+import resource
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BnfoldError, CheckFailed
+from bnfold.targets import Target
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FOLDED = "model.folded.onnx"
+FORMAT = "bnfold.compiled/1"
+# The gate of the issue: max abs error <= 1e-4 x max|reference| (per output).
+DEFAULT_ATOL = 0.0
+DEFAULT_RTOL = 1e-4
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What ``compile_model`` wrote and how it went; saved as ``OUTDIR/manifest.json``."""
+
+    outdir: str
+    target: dict[str, Any]
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    artifact: dict[str, Any]
+    source: dict[str, Any]
+    folded: dict[str, Any]
+    versions: dict[str, str]
+    fold_report: dict[str, Any]
+    compile: dict[str, Any]
+    verification: dict[str, Any]
+    format: str = FORMAT
+
+    @property
+    def verified(self) -> bool | None:
+        """True/False after a verification, None when it was skipped."""
+        status = self.verification.get("status")
+        return None if status == "not verified" else status == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``outdir`` is left out: the folder can move)."""
+        d = dataclasses.asdict(self)
+        d.pop("outdir")
+        return d
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that shapes the artifact."""
+    import bnfold
+
+    return {
+        "bnfold": bnfold.__version__,
+        "apache-tvm": _version("apache-tvm"),
+        "apache-tvm-ffi": _version("apache-tvm-ffi"),
+        "onnx": _version("onnx"),
+        "onnx-ir": _version("onnx-ir"),
+        "onnxscript": _version("onnxscript"),
+        "onnxruntime": _version("onnxruntime"),
+    }
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resolve_shapes(
+    proto: onnx.ModelProto,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    feeds: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The concrete input shapes to compile for.
+
+    ``shapes`` (``--shape``) wins; otherwise an input's dynamic dimensions come from ``feeds``
+    (``--inputs``), and a dynamic batch alone defaults to 1 (see :func:`bnfold.check.input_shapes`).
+    """
+    from bnfold import check
+
+    given = dict(shapes or {})
+    for vi in check.graph_inputs(proto):
+        dims = vi.type.tensor_type.shape.dim
+        dynamic = [not (d.HasField("dim_value") and d.dim_value > 0) for d in dims]
+        if vi.name in given or feeds is None or vi.name not in feeds or not any(dynamic):
+            continue
+        shape = tuple(int(d) for d in feeds[vi.name].shape)
+        # A stack of samples along a dynamic batch dimension is verified one sample at a time:
+        # edge models run at batch 1 unless --shape says otherwise.
+        given[vi.name] = (1, *shape[1:]) if dynamic[0] and shape else shape
+    return check.input_shapes(proto, given)
+
+
+def freeze(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy of ``model`` (an onnx_ir Model) with static input shapes, ready for TVM's importer.
+
+    Shape-dependent subgraphs are folded to constants (onnxscript's constant folder with ONNX
+    shape inference), and all ``Constant`` nodes become initializers.
+    """
+    import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+    from onnxscript import optimizer
+
+    frozen = ir.from_proto(ir.to_proto(model))
+    for value in frozen.graph.inputs:
+        if value.name in shapes:
+            value.shape = ir.Shape(list(shapes[value.name]))
+    optimizer.fold_constants(frozen, onnx_shape_inference=True)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(frozen)
+    RemoveUnusedNodesPass()(frozen)
+    return ir.to_proto(frozen)
+
+
+def _tensor_specs(ty: Any) -> list[dict[str, Any]]:
+    """(shape, dtype) of each tensor in a Relax return type, flattened."""
+    fields = getattr(ty, "fields", None)
+    if fields is not None:
+        return [s for f in fields for s in _tensor_specs(f)]
+    values = getattr(ty.shape, "values", None)
+    if values is None:
+        raise BnfoldError("an output has no static shape after import (dynamic output shape)")
+    return [{"shape": [int(v) for v in values], "dtype": str(ty.dtype)}]
+
+
+def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """Import a frozen ONNX model into a Relax IRModule with the weights bound as constants."""
+    import tvm.relax.frontend.onnx as relax_onnx
+
+    try:
+        return relax_onnx.from_onnx(proto, shape_dict=dict(shapes), keep_params_in_input=False)
+    except Exception as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise BnfoldError(f"TVM cannot import the model: {type(e).__name__}: {first}") from None
+
+
+def build(mod: Any, target: Target, schedule: bool = True) -> Any:
+    """``tvm.compile`` for ``target``; returns a ``tvm.relax.VMExecutable``.
+
+    CPU targets get bnfold's tuning-free schedules (:mod:`bnfold.targets._schedule`) unless
+    ``schedule`` is False; CUDA gets TVM's default pipeline (dlight's GPU rules).
+    """
+    import tvm
+
+    host = target.tvm_host()
+    tvm_target = (
+        tvm.target.Target(target.tvm_target(), host=host)
+        if host
+        else tvm.target.Target(target.tvm_target())
+    )
+    if target.device == "cpu" and schedule:
+        from bnfold.targets._schedule import cpu_pipeline
+
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
+    return tvm.compile(mod, target=tvm_target)
+
+
+def _target_info(target: Target) -> dict[str, Any]:
+    return {
+        "name": target.name,
+        "spec": target.spec,
+        "device": target.device,
+        "arch": target.arch,
+        "tvm": target.tvm_target(),
+        "host": target.tvm_host(),
+        "cross_compiler": target.cross_compiler,
+    }
+
+
+def _per_batch(model: Any) -> Any:
+    """``model.run``, but feeds stacked along the batch axis (N x the compiled batch) run in
+    slices of the compiled batch and the outputs are concatenated."""
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = {s.name: s.shape[0] if s.shape else 0 for s in model.inputs}
+        shapes = {s.name: s.shape for s in model.inputs}
+        ratios = set()
+        for name, a in feeds.items():
+            want = shapes.get(name)
+            if not want or not batch[name] or a.ndim != len(want) or a.shape[1:] != want[1:]:
+                return model.run(feeds)
+            if a.shape[0] % batch[name]:
+                return model.run(feeds)
+            ratios.add(a.shape[0] // batch[name])
+        if len(ratios) != 1 or ratios == {1}:
+            return model.run(feeds)
+        (n,) = ratios
+        parts = [
+            model.run({k: v[i * batch[k] : (i + 1) * batch[k]] for k, v in feeds.items()})
+            for i in range(n)
+        ]
+        return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+    return run
+
+
+def verify_artifact(
+    outdir: str | os.PathLike[str],
+    reference: str | os.PathLike[str] | onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray] | None,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    random: int = 1,
+) -> dict[str, Any]:
+    """Run the artifact in ``outdir`` and the reference model (onnxruntime, optimizations off)
+    on ``feeds`` (or ``random`` random sets of ``shapes``) and compare; returns the record for
+    the manifest (``status`` passed/failed, the metrics of :func:`bnfold.check.verify`)."""
+    from bnfold import check, runtime
+
+    model = runtime.load(outdir)
+    start = time.perf_counter()
+    result = check.verify(
+        reference, _per_batch(model), inputs=dict(feeds) if feeds is not None else None,
+        random=random, shapes=shapes, atol=atol, rtol=rtol,
+    )  # fmt: skip
+    logger.info("verify %s:\n%s", model.target, result.table())
+    return {
+        "status": "passed" if result.passed else "failed",
+        "inputs": "given" if feeds is not None else f"random x{random} (seed 0)",
+        "worst_abs_over_max_ref": result.worst_ratio,
+        "seconds": round(time.perf_counter() - start, 3),
+        "result": result.to_dict(),
+        "table": result.table(),
+    }
+
+
+def compile_model(
+    model_path: str | os.PathLike[str],
+    target: str | Target,
+    outdir: str | os.PathLike[str],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    verify: bool = True,
+    *,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    random: int = 1,
+    fold: bool = True,
+    schedule: bool = True,
+) -> Manifest:
+    """Fold, import, build, export and (by default) verify ``model_path`` for ``target``.
+
+    Args:
+        model_path: The ONNX model.
+        target: A target spec (``"arm64:cortex-a72"``) or a :class:`~bnfold.targets.Target`.
+        outdir: Folder for ``model.so`` (and friends), ``model.folded.onnx``, ``manifest.json``.
+        shapes: Concrete shapes for dynamic inputs, e.g. ``{"x": (1, 3, 48, 320)}``.
+        verify: Compare the artifact with the unfolded model in onnxruntime where it can run.
+        inputs: ``.npz`` path or dict of arrays used for verification (and for the shapes of
+            dynamic inputs); random inputs when None.
+        atol: Absolute tolerance of the verification gate.
+        rtol: Tolerance relative to max|reference| of the gate.
+        random: Number of random input sets when ``inputs`` is None.
+        fold: Run the fold pipeline (False: compile the model as given, for comparisons).
+        schedule: Apply bnfold's CPU schedules (False: TVM's unscheduled default loops).
+
+    Raises:
+        BnfoldError: Bad input (model, shapes, target that cannot build here).
+        CheckFailed: The artifact failed verification (the manifest is written first).
+    """
+    from bnfold import atomic, check, ir, pipeline
+    from bnfold import targets as targets_
+
+    model_path = Path(model_path)
+    out = Path(outdir)
+    tgt = (targets_.get(target) if isinstance(target, str) else target).resolved()
+    buildable = tgt.can_build()
+    if not buildable:
+        raise BnfoldError(f"cannot build for {tgt.spec} here: {buildable.why}")
+    if buildable.why:
+        logger.warning("%s: %s", tgt.spec, buildable.why)
+    if not model_path.is_file():
+        raise BnfoldError(f"{model_path}: no such model file")
+    out.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, float] = {}
+
+    def step(name: str, t0: float) -> float:
+        steps[name] = round(time.perf_counter() - t0, 3)
+        logger.info("%-7s %.2f s", name, steps[name])
+        return time.perf_counter()
+
+    t = t_start = time.perf_counter()
+    loaded = ir.load(model_path)
+    if fold:
+        folded, report = pipeline.fold(loaded)
+        fold_report = report.to_dict()
+    else:
+        folded, fold_report = loaded, {"skipped": "compiled without folding"}
+    folded_path = out / FOLDED
+    ir.save(folded, folded_path)
+    t = step("fold", t)
+
+    # The original's input metadata (fold changes the IR model in place).
+    source_proto = onnx.load(str(model_path), load_external_data=False)
+    feeds = None
+    if inputs is not None:
+        feeds = (
+            dict(inputs) if isinstance(inputs, Mapping) else check.load_inputs(inputs, source_proto)
+        )
+    concrete = resolve_shapes(source_proto, shapes, feeds)
+    frozen = freeze(folded, concrete)
+    t = step("freeze", t)
+
+    mod = import_relax(frozen, concrete)
+    output_specs = _tensor_specs(mod["main"].ret_ty)
+    output_names = [o.name for o in frozen.graph.output]
+    if len(output_specs) != len(output_names):
+        raise BnfoldError(
+            f"TVM's module returns {len(output_specs)} tensors for "
+            f"{len(output_names)} model outputs"
+        )
+    t = step("import", t)
+
+    executable = build(mod, tgt, schedule)
+    t = step("build", t)
+
+    exported = tgt.export(executable, out)
+    t = step("export", t)
+    compile_s = round(time.perf_counter() - t_start, 3)
+    peak_mb = round(_peak_rss_mb(), 1)
+
+    dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+              for vi in check.graph_inputs(source_proto)}  # fmt: skip
+    manifest = Manifest(
+        outdir=str(out),
+        target=_target_info(tgt),
+        inputs=[
+            {"name": n, "shape": list(s), "dtype": np.dtype(dtypes[n]).name}
+            for n, s in concrete.items()
+        ],
+        outputs=[{"name": n, **spec} for n, spec in zip(output_names, output_specs, strict=True)],
+        artifact={
+            "files": {role: p.name for role, p in exported.files.items()},
+            "sha256": {p.name: sha256_file(p) for p in exported.files.values()},
+            "meta": exported.meta,
+        },
+        source={"path": str(model_path), "sha256": sha256_file(model_path)},
+        folded={"file": FOLDED, "sha256": sha256_file(folded_path)},
+        versions=versions(),
+        fold_report=fold_report,
+        compile={
+            "seconds": compile_s,
+            "schedules": "bnfold cpu" if schedule and tgt.device == "cpu" else "tvm default",
+            "steps": steps,
+            "peak_rss_mb": peak_mb,
+            "shapes": {n: list(s) for n, s in concrete.items()},
+        },
+        verification={"status": "not verified", "why": "--no-verify"},
+    )
+    logger.info("compiled %s for %s in %.1f s (peak RSS %.0f MB)", model_path.name, tgt.spec,
+                compile_s, peak_mb)  # fmt: skip
+    # The manifest is written before verification too: `bnfold run` needs it, and a failed or
+    # interrupted verification must still leave a usable, honest folder.
+    runnable = tgt.can_run()
+    if verify and not runnable:
+        manifest.verification = {"status": "not verified", "why": runnable.why}
+    atomic.write_json(out / MANIFEST, manifest.to_dict())
+    if verify and runnable:
+        manifest.verification = verify_artifact(
+            out, model_path, feeds, concrete, atol=atol, rtol=rtol, random=random
+        )
+        if runnable.why:
+            manifest.verification["how"] = runnable.why
+        atomic.write_json(out / MANIFEST, manifest.to_dict())
+        if manifest.verification["status"] != "passed":
+            raise CheckFailed(
+                f"{tgt.spec} artifact differs from the unfolded model: worst max_abs/max|ref| "
+                f"= {manifest.verification['worst_abs_over_max_ref']:.3g} (gate {atol:g} + "
+                f"{rtol:g} x max|ref|); see {out / MANIFEST}"
+            )
+    return manifest
