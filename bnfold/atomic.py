@@ -24,13 +24,13 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
     )
-    os.close(fd)
-    # mkstemp creates 0600; outputs get the mode a plain open() would give (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)
     tmp = Path(tmp_name)
-    try:
+    try:  # from here on, an interrupt (a signal raises anywhere) removes the temp file
+        os.close(fd)
+        # mkstemp creates 0600; outputs get the mode a plain open() would give (0666 & ~umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         yield tmp
         os.replace(tmp, target)
     except BaseException:

@@ -55,13 +55,13 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
     return name, shape
 
 
-def _proto(model: ModelLike) -> onnx.ModelProto:
+def _proto(model: ModelLike, max_size_bytes: int | None = None) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (str, os.PathLike)):
         from bnfold import ir as bir
 
-        return bir.load_proto(model, check=False, infer_shapes=False)
+        return bir.load_proto(model, check=False, infer_shapes=False, max_size_bytes=max_size_bytes)
     if isinstance(model, bytes):
         return onnx.load_model_from_string(model)
     from bnfold import ir as bir  # an onnx_ir.Model
@@ -69,12 +69,12 @@ def _proto(model: ModelLike) -> onnx.ModelProto:
     return bir.to_proto(model)
 
 
-def _model_bytes(model: ModelLike) -> bytes:
+def _model_bytes(model: ModelLike, max_size_bytes: int | None = None) -> bytes:
     if isinstance(model, bytes):
         return model
     from bnfold import ir as bir
 
-    return bir.to_bytes(_proto(model))
+    return bir.to_bytes(_proto(model, max_size_bytes))
 
 
 def _static(d: onnx.TensorShapeProto.Dimension) -> bool:
@@ -227,7 +227,12 @@ class VerifyResult:
         return max((o.max_abs / o.max_ref if o.max_ref else 0.0) for o in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; a metric that is NaN/Inf becomes None (``null``: strict JSON)."""
         d = dataclasses.asdict(self)
+        for o in d["outputs"]:
+            for k, v in o.items():
+                if isinstance(v, float) and not np.isfinite(v):
+                    o[k] = None
         d["passed"] = self.passed
         return d
 
@@ -272,14 +277,15 @@ def _metrics(
             finite,
             passed=False if not finite else True,
         )
-    diff = np.abs(a - b)
+    with np.errstate(over="ignore"):  # outputs near the float64 max: an Inf error is FAIL
+        diff = np.abs(a - b)
     max_ref = float(np.max(np.abs(a)))
     floor = max(1e-3 * max_ref, np.finfo(np.float64).tiny)
     max_rel = float(np.max(diff / np.maximum(np.abs(a), floor)))
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    cosine = (
-        float(np.dot(a.ravel(), b.ravel()) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
-    )
+    # Cosine of the vectors scaled to max 1: the same angle, and no overflow in the dot product.
+    sa, sb = (x.ravel() / top if (top := np.max(np.abs(x))) > 0 else x.ravel() for x in (a, b))
+    na, nb = np.linalg.norm(sa), np.linalg.norm(sb)
+    cosine = float(np.dot(sa, sb) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
     m = OutputMetrics(name, tuple(a.shape), float(diff.max()), max_rel, max_ref, cosine, finite)
     if a.ndim == 2 and a.shape[1] >= 2:
         top_ref = np.argmax(a, axis=1)
@@ -334,6 +340,7 @@ def verify(
     atol: float = 1e-6,
     rtol: float = 1e-5,
     seed: int = 0,
+    max_size_bytes: int | None = None,
 ) -> VerifyResult:
     """Run ``reference`` (onnxruntime, optimizations off) and ``candidate`` and compare.
 
@@ -347,8 +354,9 @@ def verify(
         atol: Absolute tolerance of the gate.
         rtol: Tolerance relative to max|reference| of the gate.
         seed: Seed of the random inputs.
+        max_size_bytes: Refuse a model file (with its external data) larger than this.
     """
-    ref_proto = _proto(reference)
+    ref_proto = _proto(reference, max_size_bytes)
     if inputs is None:
         if random < 1:
             raise BnfoldError("--random must be at least 1")
@@ -361,7 +369,7 @@ def verify(
     if callable(candidate) and not isinstance(candidate, (onnx.ModelProto, bytes)):
         run_candidate = candidate
     else:
-        cand_bytes = _model_bytes(candidate)
+        cand_bytes = _model_bytes(candidate, max_size_bytes)
 
         def run_candidate(f: Feeds) -> dict[str, np.ndarray]:
             return run_onnxruntime(cand_bytes, f)

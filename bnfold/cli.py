@@ -1,51 +1,34 @@
 """The ``bnfold`` command line. Only this module prints; everything heavy is imported lazily.
 
 Exit codes: 0 ok, 1 a check failed (accuracy or latency gate), 2 bad input or usage, 3 internal
-error (a bug in bnfold: please report it).
+error (a bug in bnfold: please report it); 130 / 143 interrupted by SIGINT / SIGTERM (temp files
+removed). docs/hardening.md has the whole contract.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import click
 
 from bnfold import __version__
+from bnfold.cli_lower import COMMANDS as LOWER_COMMANDS
+from bnfold.cli_quant import COMMANDS as QUANT_COMMANDS
+from bnfold.cli_types import max_size_option, shape_option, tolerance_options
 from bnfold.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_INTERNAL, BnfoldError
 
 REPORT_URL = "https://github.com/bnfold/bnfold/issues"
 
-
-class ShapeType(click.ParamType):
-    """``NAME:1x3x224x224``: the concrete shape of a model input with dynamic dimensions."""
-
-    name = "NAME:DxDxD"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
-        from bnfold.check import parse_shape
-
-        try:
-            return parse_shape(value)
-        except BnfoldError as e:
-            self.fail(str(e), param, ctx)
-
-
-SHAPE = ShapeType()
-shape_option = click.option(
-    "--shape",
-    "shapes",
-    type=SHAPE,
-    multiple=True,
-    help="Concrete shape of an input with dynamic dimensions, e.g. input:1x3x224x224. Repeatable.",
-)
 model_arg = click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 
 
@@ -65,6 +48,13 @@ def _check_output_path(out: Path, *inputs: Path) -> None:
         raise BnfoldError(f"{out}: output would overwrite the input model or another output")
     if out.exists() and out.is_dir():
         raise BnfoldError(f"{out}: is a directory")
+    # Fail before the work, not after it: the output's folder (or the nearest existing folder
+    # above it, where the rest will be created) must be a writable folder.
+    folder = next(p for p in (out.absolute().parent, *out.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise BnfoldError(f"{out}: cannot write there, {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BnfoldError(f"{out}: cannot write there, no write permission on {folder}")
 
 
 @cli.command()
@@ -92,6 +82,7 @@ def _check_output_path(out: Path, *inputs: Path) -> None:
     default=None,
     help="Write tensors to MODEL.data beside the output (default: as the input was).",
 )
+@max_size_option
 def fold(
     model: Path,
     output: Path,
@@ -99,6 +90,7 @@ def fold(
     no_forward: bool,
     no_affine: bool,
     external_data: bool | None,
+    max_size: int | None,
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL and write the result.
 
@@ -114,7 +106,9 @@ def fold(
     if report:
         _check_output_path(report, model, output)
     t0 = time.perf_counter()
-    folded, rep = pipeline.fold(bir.load(model), forward=not no_forward, to_affine=not no_affine)
+    folded, rep = pipeline.fold(
+        bir.load(model, max_size_bytes=max_size), forward=not no_forward, to_affine=not no_affine
+    )
     rep.source = str(model)
     bir.save(folded, output, external_data=external_data)
     rep.total_ms = (time.perf_counter() - t0) * 1e3
@@ -128,7 +122,8 @@ def fold(
 @model_arg
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
 @click.option("--brief", is_flag=True, help="Omit the per-op counts and the per-BN table.")
-def inspect(model: Path, as_json: bool, brief: bool) -> None:
+@max_size_option
+def inspect(model: Path, as_json: bool, brief: bool, max_size: int | None) -> None:
     """Show MODEL's inputs, outputs, op counts, and every BN with whether and how it can fold."""
     import collections
 
@@ -138,7 +133,7 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
     from bnfold import pipeline
     from bnfold.check import graph_inputs
 
-    proto = bir.load_proto(model)
+    proto = bir.load_proto(model, max_size_bytes=max_size)
     ops = collections.Counter(n.op_type for n in proto.graph.node)
 
     def shape(vi: onnx.ValueInfoProto) -> str:
@@ -200,20 +195,7 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
     help="Use this many random input sets instead (default 1 when --inputs is absent).",
 )
 @shape_option
-@click.option(
-    "--atol",
-    type=click.FloatRange(min=0),
-    default=1e-6,
-    show_default=True,
-    help="Absolute tolerance of the gate.",
-)
-@click.option(
-    "--rtol",
-    type=click.FloatRange(min=0),
-    default=1e-5,
-    show_default=True,
-    help="Tolerance relative to max|reference output| of the gate.",
-)
+@tolerance_options(atol=1e-6, rtol=1e-5)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option(
     "--json",
@@ -221,6 +203,7 @@ def inspect(model: Path, as_json: bool, brief: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the metrics as JSON to this file.",
 )
+@max_size_option
 def verify(
     reference: Path,
     candidate: Path,
@@ -231,6 +214,7 @@ def verify(
     rtol: float,
     seed: int,
     json_out: Path | None,
+    max_size: int | None,
 ) -> None:
     """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) and compare their outputs.
 
@@ -256,6 +240,7 @@ def verify(
         atol=atol,
         rtol=rtol,
         seed=seed,
+        max_size_bytes=max_size,
     )
     if json_out:
         write_json(json_out, result.to_dict())
@@ -264,23 +249,54 @@ def verify(
         sys.exit(EXIT_CHECK_FAILED)
 
 
-def _register_optional_commands() -> None:
-    """Commands from modules that land separately, registered explicitly (no import magic)."""
+# Commands defined in their own modules, registered explicitly (those modules import nothing
+# heavy at module level, so start-up stays fast).
+for _command in (*LOWER_COMMANDS, *QUANT_COMMANDS):
+    cli.add_command(_command)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived: unwind (removing temp files on the way), exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _unwind_on_signals() -> Iterator[None]:
+    """Make SIGINT and SIGTERM raise :class:`Interrupted` for the duration of a command.
+
+    Python's default SIGTERM kills the process on the spot, leaving temp files behind; its
+    SIGINT raises KeyboardInterrupt, which click turns into ``Abort`` (exit 2, "bad input").
+    A signal that is ignored (``nohup``, background jobs) stays ignored.
+    """
+    previous = {}
     try:
-        from bnfold.cli_lower import COMMANDS
-    except ImportError:
-        return
-    for command in COMMANDS:
-        cli.add_command(command)
-
-
-_register_optional_commands()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _raise_interrupted)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+        with _unwind_on_signals():
+            cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
+    except Interrupted as e:
+        click.echo(f"interrupted ({e})", err=True)
+        sys.exit(128 + e.signum)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.ClickException as e:
@@ -288,7 +304,9 @@ def main(argv: list[str] | None = None) -> None:
             e.show()  # `bnfold` alone prints the help
         else:  # a usage error is one line, like every other bad input
             click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
-        sys.exit(EXIT_BAD_INPUT if e.exit_code not in (0, 1) else e.exit_code)
+        # Every ClickException is bad input or usage; click's own default code is 1, which here
+        # would read as "a check failed".
+        sys.exit(EXIT_BAD_INPUT if e.exit_code != 0 else 0)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(EXIT_BAD_INPUT)
@@ -300,16 +318,43 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except BaseException as e:  # a bug: one line, exit 3, traceback only on request
-        if os.environ.get("BNFOLD_DEBUG"):
-            raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        click.echo(
-            f"internal error: {type(e).__name__}: {msg} (set BNFOLD_DEBUG=1 for the traceback "
-            f"and report it at {REPORT_URL})",
-            err=True,
-        )
-        sys.exit(EXIT_INTERNAL)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            _internal_error(e)
+        # The file system said no (permissions, a full disk, a read-only mount): bad input.
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except BaseException as e:
+        _internal_error(e)
+
+
+# Errors of the environment, not of bnfold: exit 2 with the file and the reason. (ENOENT is not
+# one: a file bnfold itself should have written and did not is a bug.)
+_ENVIRONMENT_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+    errno.EFBIG,
+}
+
+
+def _internal_error(e: BaseException) -> NoReturn:
+    """A bug: one line, exit 3; the traceback only with BNFOLD_DEBUG=1."""
+    if os.environ.get("BNFOLD_DEBUG"):
+        raise e
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    click.echo(
+        f"internal error: {type(e).__name__}: {msg} (set BNFOLD_DEBUG=1 for the traceback "
+        f"and report it at {REPORT_URL})",
+        err=True,
+    )
+    sys.exit(EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

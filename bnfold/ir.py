@@ -9,13 +9,16 @@ bytes) and atomically (temp file, then rename).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import Message
 
 from bnfold.atomic import write_bytes
 from bnfold.errors import BnfoldError
@@ -47,45 +50,136 @@ def default_opset(model: ir.Model | onnx.ModelProto) -> int:
     return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
 
 
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path) -> int:
-    """Refuse external-data locations outside the model's folder; return the bytes referenced.
+# Bits per element of each tensor element type (sub-byte types are packed); types not listed
+# (UNDEFINED, STRING, the float6 types) are left to onnx.checker.
+_ELEMENT_BITS = {
+    **dict.fromkeys((2, 3, 9, 17, 18, 19, 20, 24), 8),  # (u)int8, bool, float8 kinds
+    **dict.fromkeys((4, 5, 10, 16), 16),  # (u)int16, float16, bfloat16
+    **dict.fromkeys((1, 6, 12), 32),  # float, int32, uint32
+    **dict.fromkeys((7, 11, 13, 14), 64),  # int64, double, uint64, complex64
+    15: 128,  # complex128
+    **dict.fromkeys((21, 22, 23), 4),  # (u)int4, float4e2m1
+    **dict.fromkeys((25, 26), 2),  # (u)int2
+}
+# How many values of the typed (non-raw) fields one element takes, when not one.
+_VALUES_PER_ELEMENT = {14: 2, 15: 2}
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_strings(message: Message, path: Path) -> None:
+    """Refuse text fields that are not UTF-8 (protobuf hands them over as bytes, unchecked).
+
+    onnx.checker accepts them, but the folded model could not be written: onnx_ir refuses to
+    serialize them (a flipped byte in ``producer_version`` was an internal error).
+    """
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        if field.type == field.TYPE_MESSAGE:
+            for v in values:
+                _check_strings(v, path)
+        elif field.type == field.TYPE_STRING and any(isinstance(v, bytes) for v in values):
+            bad = next(v for v in values if isinstance(v, bytes))
+            raise BnfoldError(f"{path}: {field.full_name} is not valid UTF-8 ({bad[:40]!r})")
+
+
+def _int_entry(tensor: onnx.TensorProto, key: str, value: str) -> int:
+    """An external-data ``offset``/``length``: a non-negative decimal integer, or BnfoldError."""
+    if not value.isdigit() or not value.isascii():
+        raise BnfoldError(
+            f"tensor '{tensor.name}': external data {key} '{value}' is not a non-negative integer"
+        )
+    return int(value)
+
+
+def _external_bytes(tensor: onnx.TensorProto, base: Path) -> int:
+    """Check one external tensor's reference; return the bytes it would read.
 
     A model is untrusted input: a location such as ``../../etc/passwd`` or an absolute path (or a
     symlink pointing out) would make bnfold read, and later copy, files it has no business with.
     """
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    if not location:
+        raise BnfoldError(f"tensor '{tensor.name}' uses external data but names no location")
+    if "\0" in location:
+        raise BnfoldError(f"tensor '{tensor.name}': external data location contains a NUL byte")
+    if os.path.isabs(location) or ".." in Path(location).parts:
+        raise BnfoldError(
+            f"tensor '{tensor.name}': external data location '{location}' is outside the "
+            "model's folder (absolute or '..' paths are refused)"
+        )
+    try:
+        data_path = (base / location).resolve()
+        inside = base in data_path.parents
+        size = data_path.stat().st_size if inside and data_path.is_file() else -1
+    except OSError as e:  # a name too long, a symlink loop...
+        raise BnfoldError(
+            f"tensor '{tensor.name}': external data '{location}' cannot be read ({e.strerror})"
+        ) from None
+    if not inside:
+        raise BnfoldError(
+            f"tensor '{tensor.name}': external data '{location}' resolves outside the "
+            "model's folder (symlink out?)"
+        )
+    if size < 0:  # missing, or a folder, FIFO or device (reading a FIFO would block forever)
+        raise BnfoldError(
+            f"tensor '{tensor.name}': external data file '{location}' is missing or not a "
+            "regular file"
+        )
+    offset = _int_entry(tensor, "offset", info["offset"]) if "offset" in info else 0
+    length = _int_entry(tensor, "length", info["length"]) if "length" in info else None
+    end = offset + (length or 0)
+    if offset > size or end > size:
+        raise BnfoldError(
+            f"tensor '{tensor.name}': external data file '{location}' is too short "
+            f"({size} bytes, needs {max(offset, end)})"
+        )
+    # Without a length onnx reads from the offset to the end of the file.
+    return length if length is not None else size - offset
+
+
+def _check_tensor_data(tensor: onnx.TensorProto, available: int | None) -> None:
+    """Refuse a tensor whose data does not match its dims (``available``: external bytes).
+
+    Neither onnx.checker nor shape inference compares the data with the dims; onnxruntime
+    refuses such a model, and bnfold would otherwise pass the mismatch through to its output.
+    """
+    if any(d < 0 for d in tensor.dims):
+        raise BnfoldError(f"tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+    bits = _ELEMENT_BITS.get(tensor.data_type)
+    if bits is None:
+        return
+    count = math.prod(tensor.dims)
+    need = (count * bits + 7) // 8
+    if available is None and tensor.HasField("raw_data"):
+        available = len(tensor.raw_data)
+    if available is not None:
+        if available != need:
+            raise BnfoldError(
+                f"tensor '{tensor.name}' has {available} bytes of data; its dims "
+                f"{list(tensor.dims)} need {need}"
+            )
+        return
+    values = sum(len(getattr(tensor, f)) for f in _TYPED_FIELDS)
+    # Packed sub-byte types hold 8 // bits elements per int32 value.
+    want = need if bits < 8 else count * _VALUES_PER_ELEMENT.get(tensor.data_type, 1)
+    if values != want:
+        raise BnfoldError(
+            f"tensor '{tensor.name}' has {values} values; its dims {list(tensor.dims)} need {want}"
+        )
+
+
+def _check_tensors(proto: onnx.ModelProto, base_dir: Path) -> int:
+    """Check every tensor's data against its dims and every external reference; return the
+    bytes of external data the model references."""
     total = 0
     base = base_dir.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
-        if not onnx.external_data_helper.uses_external_data(tensor):
-            continue
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        if not location:
-            raise BnfoldError(f"tensor '{tensor.name}' uses external data but names no location")
-        if os.path.isabs(location) or ".." in Path(location).parts:
-            raise BnfoldError(
-                f"tensor '{tensor.name}': external data location '{location}' is outside the "
-                "model's folder (absolute or '..' paths are refused)"
-            )
-        data_path = (base / location).resolve()
-        if base not in data_path.parents:
-            raise BnfoldError(
-                f"tensor '{tensor.name}': external data '{location}' resolves outside the "
-                "model's folder (symlink out?)"
-            )
-        if not data_path.is_file():
-            raise BnfoldError(f"tensor '{tensor.name}': external data file '{location}' is missing")
-        offset = int(info.get("offset", 0) or 0)
-        length = info.get("length")
-        size = data_path.stat().st_size
-        if length is not None:
-            end = offset + int(length)
-            if end > size:
-                raise BnfoldError(
-                    f"tensor '{tensor.name}': external data file '{location}' is too short "
-                    f"({size} bytes, needs {end})"
-                )
-            total += int(length)
+        available = None
+        if onnx.external_data_helper.uses_external_data(tensor):
+            available = _external_bytes(tensor, base)
+            total += available
+        _check_tensor_data(tensor, available)
     return total
 
 
@@ -113,19 +207,22 @@ def load_proto(
         raise BnfoldError(f"{p}: not a valid ONNX protobuf ({_first_line(e)})") from None
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise BnfoldError(f"{p}: not an ONNX model (no graph or IR version)")
-    external = _check_external_data(proto, p.parent)
+    _check_strings(proto, p)
+    external = _check_tensors(proto, p.parent)
     if max_size_bytes is not None and size + external > max_size_bytes:
         raise BnfoldError(
             f"{p}: {size + external} bytes with external data is over the size limit of "
             f"{max_size_bytes} bytes"
         )
-    tensors = onnx.external_data_helper._get_all_tensors(proto)
-    if any(map(onnx.external_data_helper.uses_external_data, tensors)):  # "length" is optional
-        try:
-            onnx.load_external_data_for_model(proto, str(p.parent))
-        except Exception as e:
-            raise BnfoldError(f"{p}: cannot read external data ({_first_line(e)})") from None
-        proto.metadata_props.add(key=_EXTERNAL_FLAG, value="1")
+    external_tensors = [
+        t
+        for t in onnx.external_data_helper._get_all_tensors(proto)
+        if onnx.external_data_helper.uses_external_data(t)
+    ]
+    # Checker and shape inference run before the (large) external data is read: on the data
+    # they cost a full copy each (a 1 GB model peaked at 5 GB and took 20 s to load). Small
+    # tensors are read first, so that shape inference still sees Reshape shapes and the like.
+    _read_external(p, [t for t in external_tensors if _data_bytes(t) <= _SMALL_TENSOR_BYTES])
     opset = default_opset(proto)
     if opset == 0:
         raise BnfoldError(f"{p}: the model imports no default ONNX opset")
@@ -133,7 +230,9 @@ def load_proto(
         raise BnfoldError(f"{p}: opset {opset} is not supported (bnfold needs opset {MIN_OPSET}+)")
     if check:
         try:
-            onnx.checker.check_model(proto)
+            # With external data, the checker reads the file itself (it then knows the folder
+            # that the data locations are relative to).
+            onnx.checker.check_model(str(p) if external_tensors else proto)
         except Exception as e:
             raise BnfoldError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
     if infer_shapes and proto.ByteSize() < EXTERNAL_DATA_THRESHOLD:
@@ -141,11 +240,53 @@ def load_proto(
             proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         except Exception as e:
             raise BnfoldError(f"{p}: shape inference failed: {_first_line(e)}") from None
+    if external_tensors:
+        _read_external(p, None, proto)
+        proto.metadata_props.add(key=_EXTERNAL_FLAG, value="1")
     return proto
+
+
+_SMALL_TENSOR_BYTES = 64 * 1024
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    bits = _ELEMENT_BITS.get(tensor.data_type, 64)
+    return (math.prod(tensor.dims) * bits + 7) // 8
+
+
+def _read_external(
+    path: Path, tensors: list[onnx.TensorProto] | None, proto: onnx.ModelProto | None = None
+) -> None:
+    """Read the external data of ``tensors`` (or of every tensor of ``proto``) into them."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if proto is not None:
+                onnx.load_external_data_for_model(proto, str(path.parent))
+            for t in tensors or []:
+                onnx.external_data_helper.load_external_data_for_tensor(t, str(path.parent))
+        for w in caught:  # e.g. unknown external-data keys: not worth a line on stderr
+            logger.info("%s: %s", path, w.message)
+    except Exception as e:
+        raise BnfoldError(f"{path}: cannot read external data ({_first_line(e)})") from None
+    # What was read is checked again: the reference was checked before, as bnfold reads it,
+    # and this guards against onnx reading it differently.
+    read = tensors if proto is None else onnx.external_data_helper._get_all_tensors(proto)
+    for t in read or []:
+        _check_tensor_data(t, None)
 
 
 def from_proto(proto: onnx.ModelProto, *, source: str = "<model>") -> ir.Model:
     """Convert a validated proto into the IR and check bnfold's own preconditions."""
+    inputs = {vi.name: vi.type for vi in proto.graph.input}
+    for vi in [*proto.graph.output, *proto.graph.value_info]:
+        # The IR has one value per name: a second, different declaration of a graph input (an
+        # output passing the input through, or a value_info) would silently change the input's
+        # declared type or shape in the folded model.
+        if vi.name in inputs and vi.HasField("type") and vi.type != inputs[vi.name]:
+            raise BnfoldError(
+                f"{source}: graph input '{vi.name}' is declared again with another type or shape"
+            )
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as e:
@@ -196,7 +337,27 @@ def load(
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize the IR into an ``onnx.ModelProto`` (tensors inline)."""
-    return ir.serde.serialize_model(model)
+    proto = ir.serde.serialize_model(model)
+    for function in proto.functions:
+        # onnx_ir leaves an empty domain unset; onnx.checker requires the field to be present
+        # (a model-local function in the default domain would otherwise fail after folding).
+        function.domain = function.domain
+    return proto
+
+
+def check_model(model: ir.Model) -> None:
+    """Run ``onnx.checker`` on the model's structure (raises what the checker raises).
+
+    Tensors over 1 MiB are checked without their data: the checker's copy of a 1 GB model would
+    cost 2 GB more at peak, and the data of a tensor is not what it checks (an empty first
+    dimension keeps it valid without a value field).
+    """
+    proto = to_proto(model)
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.dims and tensor.HasField("raw_data") and len(tensor.raw_data) > 1 << 20:
+            tensor.ClearField("raw_data")
+            tensor.dims[0] = 0
+    onnx.checker.check_model(proto)
 
 
 def to_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
@@ -246,6 +407,15 @@ def save(
         )
         onnx.external_data_helper.write_external_data_tensors(proto, str(tmp_dir))
         (tmp_dir / target.name).write_bytes(proto.SerializeToString(deterministic=True))
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in (tmp_dir / data_name, tmp_dir / target.name):
+            if written.exists():
+                # onnx creates the data file 0600; outputs get the mode open() would give. And
+                # both are on disk before they are renamed, as write_bytes does for one file.
+                os.chmod(written, 0o666 & ~umask)
+                with open(written, "rb+") as f:
+                    os.fsync(f.fileno())
         old_data = target.parent / data_name
         backup = tmp_dir / (data_name + ".old")
         if old_data.exists():

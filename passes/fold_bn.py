@@ -59,6 +59,7 @@ from bnfold.passes._util import (
 logger = logging.getLogger(__name__)
 
 AFFINE_OPS = ("Mul", "Add", "Sub", "Div")
+_HEADROOM = {t: float(np.finfo(t).max) * 2.0**-16 for t in (np.float32, np.float64)}
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -193,7 +194,27 @@ def _weights(node: ir.Node) -> tuple[np.ndarray, np.ndarray | None]:
     bias = const_array(bias_value)
     if bias_value is not None and bias is None:
         raise Declined(f"{node.op_type} bias is not a constant initializer")
+    _check_shapes(node, w, bias)
     return np.asarray(w, np.float64), None if bias is None else np.asarray(bias, np.float64)
+
+
+def _check_shapes(node: ir.Node, w: np.ndarray, bias: np.ndarray | None) -> None:
+    """Decline weights and biases whose shapes the op cannot have (onnx.checker and shape
+    inference do not compare them; onnxruntime refuses such a model)."""
+    if node.op_type == "Gemm":
+        trans_b = bool(node.attributes.get_int("transB", 0))
+        if w.ndim != 2:
+            raise Declined(f"Gemm weight has rank {w.ndim}, not 2")
+        n = w.shape[0] if trans_b else w.shape[1]
+        if bias is not None and (bias.ndim > 2 or bias.shape[-1:] not in ((), (1,), (n,))):
+            raise Declined(f"Gemm bias shape {bias.shape} does not fit its {n} outputs")
+        return
+    group = node.attributes.get_int("group", 1)
+    if w.ndim < 3 or group < 1 or w.shape[0] % group:
+        raise Declined(f"{node.op_type} weight shape {w.shape} does not fit group={group}")
+    m = w.shape[0] if node.op_type == "Conv" else w.shape[1] * group
+    if bias is not None and bias.shape != (m,):
+        raise Declined(f"{node.op_type} bias shape {bias.shape} does not match {m} channels")
 
 
 def _site_of(node: ir.Node) -> Site:
@@ -265,7 +286,19 @@ def find_site(aff: Affine) -> Site:
 
 
 def _cast(array: np.ndarray, like: ir.Value, what: str) -> np.ndarray:
-    return cast_checked(array, like.dtype, what)
+    # cast_checked checks the float64 values (and the float16 range), not the float32 range:
+    # a finite float64 above 3.4e38 would become Inf in a float32 model (and warn on stderr).
+    with np.errstate(over="ignore"):
+        out = cast_checked(array, like.dtype, what)
+    if not np.all(np.isfinite(out)):
+        raise Declined(f"folded {what} would overflow {out.dtype}")
+    # Headroom: the folded op sums products of these values with its input, where the original
+    # applied the scale once, after the sum. A weight within 2**16 of the float32/float64 max
+    # can overflow that sum (Inf) where the original model stays finite. (float16 models keep
+    # the check above only: their range is too small for any headroom.)
+    if out.dtype != np.float16 and np.max(np.abs(out), initial=0.0) > _HEADROOM[out.dtype.type]:
+        raise Declined(f"folded {what} would come within 2**16 of the {out.dtype} maximum")
+    return out
 
 
 def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> str:
@@ -275,6 +308,8 @@ def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> st
     s, t = aff.channels(site.out_rank, site.axis, site.channels)
     name = label(node)
     new_bias_node = None
+    # Every new tensor is computed (and may be declined) before the graph is touched: a decline
+    # after a first change would leave, say, a scaled weight behind an unscaled bias.
     if is_onnx_op(node, "Conv", "ConvTranspose"):
         if node.op_type == "Conv":
             w = _linear.conv_scale_out(site.weight, s)
@@ -290,25 +325,27 @@ def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> st
         trans_b = bool(node.attributes.get_int("transB", 0))
         beta = float(node.attributes.get_float("beta", 1.0))
         w = _cast(_linear.gemm_b_scale_out(site.weight, s, trans_b), dt, "weight")
-        if site.bias is not None and beta != 0.0:
-            c = s * site.bias + t / beta
-        else:
-            c = t
+        keeps_c = site.bias is not None and beta != 0.0
+        c = _cast(s * site.bias + t / beta if keeps_c else t, dt, "bias")
+        if not keeps_c:
             node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        c = _cast(c, dt, "bias")
         set_constant_input(graph, namer, node, 1, w, f"{name}_B")
         set_constant_input(graph, namer, node, 2, c, f"{name}_C")
     else:  # MatMul, with or without a bias Add
         w = _cast(_linear.gemm_b_scale_out(site.weight, s, False), dt, "weight")
+        b = None
+        if site.bias_add is not None:
+            b = _cast(_linear.bias_after(site.bias, s, t), dt, "bias")
+        elif np.any(t):
+            b = _cast(t, dt, "bias")
         set_constant_input(graph, namer, node, 1, w, f"{name}_W")
         if site.bias_add is not None:
             bias_index = next(
                 i for i, v in enumerate(site.bias_add.inputs) if const_array(v) is not None
             )
-            b = _cast(_linear.bias_after(site.bias, s, t), dt, "bias")
             set_constant_input(graph, namer, site.bias_add, bias_index, b, f"{name}_bias")
-        elif np.any(t):
-            new_bias_node = _append_add(graph, namer, node, _cast(t, dt, "bias"), name)
+        elif b is not None:
+            new_bias_node = _append_add(graph, namer, node, b, name)
     final = new_bias_node.outputs[0] if new_bias_node is not None else site.out
     _bypass(graph, aff.node, final)
     return name
