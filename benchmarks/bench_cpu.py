@@ -42,7 +42,7 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
 
     from bnfold import runtime
 
-    compiled = runtime.load(outdir)
+    compiled = runtime.load(outdir, threads=threads)
     rng = np.random.default_rng(0)
     feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in compiled.inputs}
     if engine == "tvm":

@@ -88,6 +88,21 @@ class TargetType(click.ParamType):
     help="CPU targets: keep TVM's unscheduled default loops instead of bnfold's schedules "
     "(much slower; for comparison).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads the artifact runs with, stored in the manifest and used by `bnfold run` "
+    "and bnfold.runtime.load (default: this machine's cores for x86, all of the device's "
+    "cores for other CPU targets).",
+)
+@click.option(
+    "--db",
+    "database",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Reuse the tuned schedules of a `bnfold tune --db DIR` folder (CPU targets).",
+)
 @tolerance_options(atol=0.0, rtol=1e-4, what="the verification gate")
 def compile_cmd(
     model: Path,
@@ -98,6 +113,8 @@ def compile_cmd(
     n_random: int,
     verify: bool,
     no_schedule: bool,
+    threads: int | None,
+    database: Path | None,
     atol: float,
     rtol: float,
 ) -> None:
@@ -115,7 +132,8 @@ def compile_cmd(
     try:
         manifest = lower.compile_model(model, target, outdir, dict(shapes), verify, inputs=inputs,
                                        atol=atol, rtol=rtol, random=n_random,
-                                       schedule=not no_schedule)  # fmt: skip
+                                       schedule=not no_schedule, threads=threads,
+                                       database=database)  # fmt: skip
     except CheckFailed:
         _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
         raise
@@ -123,6 +141,8 @@ def compile_cmd(
     cpu = tvm_target.get("mcpu") or tvm_target.get("arch")
     click.echo(f"compiled {model} for {manifest.target['spec']} ({cpu}) in {c['seconds']:.1f} s, "
                f"peak RSS {c['peak_rss_mb']:.0f} MB")  # fmt: skip
+    n_threads = manifest.runtime.get("threads")
+    click.echo(f"  threads  {n_threads if n_threads is not None else 'all of the device cores'}")
     for role, name in manifest.artifact["files"].items():
         click.echo(f"  {role:<8} {outdir / name}")
     click.echo(f"  folded   {outdir / lower.FOLDED}")
@@ -160,7 +180,15 @@ def _echo_verification(v: dict[str, Any]) -> None:
     show_default=True,
     help="Run this many times and report the median latency.",
 )
-def run_cmd(outdir: Path, inputs: Path | None, output: Path | None, repeat: int) -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads to run with (default: the manifest's, from `bnfold compile --threads`).",
+)
+def run_cmd(
+    outdir: Path, inputs: Path | None, output: Path | None, repeat: int, threads: int | None
+) -> None:
     """Run a compiled model folder (from `bnfold compile`) on inputs and show its outputs.
 
     x86 (and arm64 on an ARM machine) runs in this process; arm64 on x86 runs under
@@ -172,7 +200,7 @@ def run_cmd(outdir: Path, inputs: Path | None, output: Path | None, repeat: int)
     from bnfold import runtime
     from bnfold.atomic import atomic_path
 
-    model = runtime.load(outdir)
+    model = runtime.load(outdir, threads=threads)
     if inputs is not None:
         try:
             with np.load(inputs, allow_pickle=False) as data:
@@ -188,6 +216,8 @@ def run_cmd(outdir: Path, inputs: Path | None, output: Path | None, repeat: int)
         outs = model.run(feeds)
         times.append((time.perf_counter() - start) * 1e3)
     how = "emulated, qemu" if isinstance(model, runtime.QemuModel) else "native"
+    if model.threads is not None:
+        how += f", {model.threads} thread{'s' if model.threads != 1 else ''}"
     click.echo(f"{outdir} ({model.target}, {how}): median {statistics.median(times):.2f} ms "
                f"over {repeat} run(s)")  # fmt: skip
     for name, a in outs.items():
@@ -224,4 +254,41 @@ def targets_cmd(as_json: bool) -> None:
             click.echo(f"        cpu/arch:   {', '.join(r['cpus'])} (as {r['name']}:CPU)")
 
 
-COMMANDS = (compile_cmd, run_cmd, targets_cmd)
+@click.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-t", "--target", "target", type=TargetType(), default="x86", show_default=True,
+              help="A CPU target this machine can run (tuning measures here).")  # fmt: skip
+@click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Measured trials in all (about 6 s each on 2 cores).")  # fmt: skip
+@click.option("--trials-per-task", type=click.IntRange(min=1), default=None,
+              help="Trials per fused function (default: --trials spread over them).")  # fmt: skip
+@click.option("--db", "database", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="MetaSchedule database folder (created/extended).")  # fmt: skip
+@click.option("--shape", "shapes", type=ShapeType(), multiple=True,
+              help="Concrete shape of an input with dynamic dimensions. Repeatable.")  # fmt: skip
+def tune_cmd(
+    model: Path,
+    target: str,
+    trials: int,
+    trials_per_task: int | None,
+    database: Path,
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+) -> None:
+    """Tune MODEL's fused functions with MetaSchedule into a database for `compile --db`.
+
+    Needs psutil, cloudpickle and xgboost-cpu. Functions the database has no record for keep
+    bnfold's tuning-free schedules at compile time.
+    """
+    from bnfold import tune
+
+    if not model.is_file():
+        raise BnfoldError(f"{model}: no such model file")
+    summary = tune.tune_model(model, target, database, trials, shapes=dict(shapes),
+                              trials_per_task=trials_per_task)  # fmt: skip
+    click.echo(f"tuned {summary['tasks']} functions of {model} for {summary['target']}: "
+               f"{summary['trials']} trials ({summary['trials_per_task']} per function) in "
+               f"{summary['seconds']:.0f} s -> {summary['database']}")  # fmt: skip
+    click.echo(f"  use it: bnfold compile {model} -t {target} --db {database} -o OUTDIR")
+
+
+COMMANDS = (compile_cmd, run_cmd, targets_cmd, tune_cmd)

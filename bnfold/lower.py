@@ -61,6 +61,7 @@ class Manifest:
     fold_report: dict[str, Any]
     compile: dict[str, Any]
     verification: dict[str, Any]
+    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
     format: str = FORMAT
 
     @property
@@ -179,25 +180,44 @@ def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) 
         raise BnfoldError(f"TVM cannot import the model: {type(e).__name__}: {first}") from None
 
 
-def build(mod: Any, target: Target, schedule: bool = True) -> Any:
-    """``tvm.compile`` for ``target``; returns a ``tvm.relax.VMExecutable``.
-
-    CPU targets get bnfold's tuning-free schedules (:mod:`bnfold.targets._schedule`) unless
-    ``schedule`` is False; CUDA gets TVM's default pipeline (dlight's GPU rules).
-    """
+def tvm_target(target: Target) -> Any:
+    """The ``tvm.target.Target`` (with its host, where it has one) for ``target``."""
     import tvm
 
     host = target.tvm_host()
-    tvm_target = (
+    return (
         tvm.target.Target(target.tvm_target(), host=host)
         if host
         else tvm.target.Target(target.tvm_target())
     )
+
+
+def build(mod: Any, target: Target, schedule: bool = True, database: str | None = None) -> Any:
+    """``tvm.compile`` for ``target``; returns a ``tvm.relax.VMExecutable``.
+
+    CPU targets get bnfold's tuning-free schedules (:mod:`bnfold.targets._schedule`) unless
+    ``schedule`` is False, and the tuned schedules of a MetaSchedule ``database`` folder
+    (``bnfold tune``) where it has them; CUDA gets TVM's default pipeline (dlight's GPU rules).
+    """
+    import tvm
+
+    tgt = tvm_target(target)
     if target.device == "cpu" and schedule:
         from bnfold.targets._schedule import cpu_pipeline
 
-        return tvm.compile(mod, target=tvm_target, relax_pipeline=cpu_pipeline(tvm_target))
-    return tvm.compile(mod, target=tvm_target)
+        return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, database))
+    return tvm.compile(mod, target=tgt)
+
+
+def default_threads(target: Target) -> int | None:
+    """The runtime threads a target gets by default: this machine's cores for a target that runs
+    natively here (x86 on x86), None (all of the device's cores, decided where it runs) otherwise.
+    """
+    from bnfold.targets import host_arch
+
+    if target.device == "cpu" and target.arch == host_arch():
+        return os.cpu_count() or 1
+    return None
 
 
 def _target_info(target: Target) -> dict[str, Any]:
@@ -284,6 +304,8 @@ def compile_model(
     random: int = 1,
     fold: bool = True,
     schedule: bool = True,
+    threads: int | None = None,
+    database: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Fold, import, build, export and (by default) verify ``model_path`` for ``target``.
 
@@ -300,6 +322,10 @@ def compile_model(
         random: Number of random input sets when ``inputs`` is None.
         fold: Run the fold pipeline (False: compile the model as given, for comparisons).
         schedule: Apply bnfold's CPU schedules (False: TVM's unscheduled default loops).
+        threads: Threads the runtime uses (stored in the manifest, honoured by
+            :func:`bnfold.runtime.load`); None: the device's cores (``os.cpu_count()`` for a
+            native target, all of the device's cores otherwise).
+        database: A MetaSchedule folder from ``bnfold tune`` whose records to reuse (CPU).
 
     Raises:
         BnfoldError: Bad input (model, shapes, target that cannot build here).
@@ -318,6 +344,10 @@ def compile_model(
         logger.warning("%s: %s", tgt.spec, buildable.why)
     if not model_path.is_file():
         raise BnfoldError(f"{model_path}: no such model file")
+    if threads is not None and threads < 1:
+        raise BnfoldError(f"threads must be >= 1, got {threads}")
+    if database is not None and not (Path(database) / "database_workload.json").is_file():
+        raise BnfoldError(f"{database}: not a tuning database (run `bnfold tune --db` first)")
     out.mkdir(parents=True, exist_ok=True)
     steps: dict[str, float] = {}
 
@@ -358,7 +388,10 @@ def compile_model(
         )
     t = step("import", t)
 
-    executable = build(mod, tgt, schedule)
+    from bnfold.targets import _schedule
+
+    with _schedule.recording() as matches:
+        executable = build(mod, tgt, schedule, None if database is None else str(database))
     t = step("build", t)
 
     exported = tgt.export(executable, out)
@@ -388,11 +421,14 @@ def compile_model(
         compile={
             "seconds": compile_s,
             "schedules": "bnfold cpu" if schedule and tgt.device == "cpu" else "tvm default",
+            "schedule_rules": _schedule.summarize(matches),
+            "tuning_database": None if database is None else str(database),
             "steps": steps,
             "peak_rss_mb": peak_mb,
             "shapes": {n: list(s) for n, s in concrete.items()},
         },
         verification={"status": "not verified", "why": "--no-verify"},
+        runtime={"threads": default_threads(tgt) if threads is None else threads},
     )
     logger.info("compiled %s for %s in %.1f s (peak RSS %.0f MB)", model_path.name, tgt.spec,
                 compile_s, peak_mb)  # fmt: skip

@@ -207,6 +207,8 @@ class CompiledModel:
         self.outdir = outdir
         self.manifest = manifest
         self.target: str = manifest["target"]["spec"]
+        # CPU threads it runs with (None: the runtime's default).
+        self.threads: int | None = None
         self.inputs = [
             TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in manifest["inputs"]
         ]
@@ -251,10 +253,43 @@ class CompiledModel:
         raise NotImplementedError
 
 
+def set_threads(threads: int | None) -> int:
+    """Make TVM's CPU thread pool (of the calling thread) use ``threads`` threads; returns the
+    number it uses. None: TVM's default.
+
+    The pool's size is fixed when it starts, from ``TVM_NUM_THREADS`` (default: half the logical
+    CPUs on x86, counting hyper-threads); ``runtime.config_threadpool`` can then only lower the
+    count in use. So the variable is set first (it counts if no TVM parallel code has run yet in
+    this process), then the pool is configured; a smaller count than asked is logged.
+    """
+    import tvm
+    import tvm_ffi
+
+    if threads is None:
+        return int(tvm.runtime.num_threads())
+    if threads < 1:
+        raise BnfoldError(f"threads must be >= 1, got {threads}")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    # Mode 1 (big cores: all of them on a homogeneous CPU), then the count.
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, threads)
+    got = int(tvm.runtime.num_threads())
+    if got != threads:
+        logger.warning("TVM's thread pool uses %d threads, not %d: it was started earlier in "
+                       "this process with fewer (set TVM_NUM_THREADS before the first run)",
+                       got, threads)  # fmt: skip
+    return got
+
+
 class VMModel(CompiledModel):
     """Runs in this process on the CPU or a CUDA GPU through the Relax VM."""
 
-    def __init__(self, outdir: Path, manifest: dict[str, Any], device_id: int = 0) -> None:
+    def __init__(
+        self,
+        outdir: Path,
+        manifest: dict[str, Any],
+        device_id: int = 0,
+        threads: int | None = None,
+    ) -> None:
         super().__init__(outdir, manifest)
         import tvm
 
@@ -267,6 +302,9 @@ class VMModel(CompiledModel):
             self.device = tvm.cuda(device_id)
         else:
             self.device = tvm.cpu(device_id)
+            self.threads = set_threads(threads)
+        # Only CPU models (with a count asked for) re-apply it before each run.
+        self._threads_asked = threads if self.device.dlpack_device_type() == 1 else None
         _warn_if_foreign_cpu(manifest)
         lib = tvm.runtime.load_module(str(outdir / files["library"]))
         self.vm = tvm.relax.VirtualMachine(lib, self.device)
@@ -275,6 +313,10 @@ class VMModel(CompiledModel):
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
 
+        # The pool is shared by every model in this thread: take back this model's count if
+        # another model (or thread) changed it since.
+        if self._threads_asked is not None and tvm.runtime.num_threads() != self.threads:
+            set_threads(self.threads)
         args = [tvm.runtime.tensor(a, self.device) for a in self._arrays(inputs)]
         return self._named([t.numpy() for t in _flatten(self._main(*args))])
 
@@ -329,8 +371,9 @@ def _register_fatbin(outdir: Path, manifest: dict[str, Any]) -> None:
 class QemuModel(CompiledModel):
     """Runs an aarch64 artifact on another machine through the cached runner under qemu-user."""
 
-    def __init__(self, outdir: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, outdir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         super().__init__(outdir, manifest)
+        self.threads = threads
         if shutil.which(QEMU) is None:
             raise BnfoldError(f"{QEMU} not found; run `make cross-tools`")
         self.runner = aarch64_runner()
@@ -342,18 +385,25 @@ class QemuModel(CompiledModel):
             src, dst = Path(tmp) / "in.bnt", Path(tmp) / "out.bnt"
             write_tensors(src, arrays)
             env = {**os.environ, "LD_LIBRARY_PATH": str(self.runner / "lib")}
+            if self.threads is not None:
+                env["TVM_NUM_THREADS"] = str(self.threads)
             cmd = [QEMU, "-L", AARCH64_SYSROOT, str(self.runner / "runner"), str(self.library),
                    str(src), str(dst)]  # fmt: skip
             _run(cmd, f"running {self.library.name} under {QEMU}", RUNNER_TIMEOUT_S, env=env)
             return self._named([a.copy() for a in read_tensors(dst)])
 
 
-def load(outdir: str | os.PathLike[str], *, device_id: int = 0) -> CompiledModel:
+def load(
+    outdir: str | os.PathLike[str], *, device_id: int = 0, threads: int | None = None
+) -> CompiledModel:
     """Load a ``bnfold compile`` output folder and return a callable model.
 
     Args:
         outdir: The folder holding ``manifest.json`` and the artifact.
         device_id: The GPU to use for CUDA artifacts.
+        threads: CPU threads to run with; None: the manifest's ``runtime.threads`` (set by
+            ``bnfold compile --threads``), else TVM's default. TVM's thread pool is per
+            process (and calling thread): the last model loaded sets it.
 
     Raises:
         BnfoldError: If the folder is not a compile output, or this machine cannot run it.
@@ -362,11 +412,13 @@ def load(outdir: str | os.PathLike[str], *, device_id: int = 0) -> CompiledModel
 
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
+    if threads is None:
+        threads = (manifest.get("runtime") or {}).get("threads")
     arch = manifest["target"]["arch"]
     if arch == host_arch():
-        return VMModel(outdir, manifest, device_id)
+        return VMModel(outdir, manifest, device_id, threads)
     if arch == "aarch64":
-        return QemuModel(outdir, manifest)
+        return QemuModel(outdir, manifest, threads)
     raise BnfoldError(
         f"{outdir} holds {arch} code ({manifest['target']['spec']}), "
         f"which cannot run on this {host_arch()} machine"

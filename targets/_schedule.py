@@ -25,7 +25,11 @@ Measured on a 2-core Zen 4 (1 thread): MobileNetV2 184 -> ~11.5 ms, ResNet-18 18
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -111,6 +115,11 @@ def _schedule_pad(sch: Any, block: Any, lanes: int) -> None:
 
 def schedule_elementwise(func: Any, target: Any, _tunable: bool) -> Any:
     """Injective-only functions (pad, add, clip, reshape, ...): inline, parallelize, vectorize."""
+    found = _elementwise(func, target)
+    return None if found is None else found[0]
+
+
+def _elementwise(func: Any, target: Any) -> tuple[Any, str] | None:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -123,11 +132,17 @@ def schedule_elementwise(func: Any, target: Any, _tunable: bool) -> Any:
         except Exception:
             return None
     _parallel_vectorize(sch, _blocks(sch)[-1], _vector_lanes(target))
-    return sch
+    return sch, "elementwise"
 
 
 def schedule_conv(func: Any, target: Any, _tunable: bool) -> Any:
     """A fused NCHW conv2d (one reduction block over n, f, y, x | c, ky, kx) + epilogue."""
+    found = _conv(func, target)
+    return None if found is None else found[0]
+
+
+def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
+    """:func:`schedule_conv`, and the kind of conv it scheduled (see :func:`conv_kind`)."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -151,7 +166,7 @@ def schedule_conv(func: Any, target: Any, _tunable: bool) -> Any:
         for b in after[:-1]:
             sch.compute_inline(b)
         _parallel_vectorize(sch, after[-1], _vector_lanes(target))
-        return sch
+        return sch, "conv (broadcast epilogue only)"
     for b in after[:-1]:
         sch.compute_inline(b)
     epilogue = after[-1] if after else None
@@ -204,12 +219,24 @@ def schedule_conv(func: Any, target: Any, _tunable: bool) -> Any:
         sch.unroll(rx)
     sch.parallel(sch.fuse(n, fo, yo))
     sch.decompose_reduction(conv, rc)
-    return sch
+    return sch, conv_kind(int(ery), int(erx), depthwise)  # type: ignore[arg-type]
+
+
+def conv_kind(kh: int, kw: int, depthwise: bool) -> str:
+    """``depthwise``, or ``conv{kh}x{kw}`` (``conv1x1``, ``conv3x3``) for a conv window."""
+    if depthwise:
+        return "depthwise"
+    return f"conv{kh}x{kw}"
 
 
 def schedule_matmul(func: Any, target: Any, _tunable: bool) -> Any:
     """A fused matmul/dense whose output columns are contiguous in the weight (B[k, j]): GEMV
     for batch 1. Tiles of columns are vectorized with the reduction outside, in parallel."""
+    found = _matmul(func, target)
+    return None if found is None else found[0]
+
+
+def _matmul(func: Any, target: Any) -> tuple[Any, str] | None:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -241,7 +268,11 @@ def schedule_matmul(func: Any, target: Any, _tunable: bool) -> Any:
     half = max(4, lanes // 2)
     ji_n = max((m for m in range(half, 4 * lanes + 1, half) if ej % m == 0), default=0)
     if not ji_n:
-        return None
+        # No whole-vector divisor (10 classes): one odd-sized vector if the row is short, else
+        # the largest divisor that still fills a few lanes.
+        ji_n = ej if ej <= 2 * lanes else _divisor_at_most(ej, 2 * lanes)
+        if ji_n < 2:
+            return None
     jo, ji = sch.split(j, factors=[None, ji_n])
     sch.reorder(*spatial, jo, k, ji)
     acc = sch.cache_write(red, 0, "local")
@@ -254,7 +285,7 @@ def schedule_matmul(func: Any, target: Any, _tunable: bool) -> Any:
     sch.vectorize(ji)
     sch.parallel(sch.fuse(*spatial, jo))
     sch.decompose_reduction(red, k)
-    return sch
+    return sch, "dense"
 
 
 def _shape(region: Any) -> list[int]:
@@ -286,44 +317,139 @@ def _plain_copy_input(sch: Any, before: list[Any], ey: int, ex: int) -> bool:
     )
 
 
+# (rule, function) pairs tried in order by :func:`apply_rules`.
+_RULES: tuple[tuple[str, Any], ...] = (
+    ("bnfold_conv", _conv),
+    ("bnfold_matmul", _matmul),
+    ("bnfold_elementwise", _elementwise),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """What happened to one PrimFunc: the rule that scheduled it (None: every rule declined,
+    TVM's default loops stay) and the kind of operator it saw (``conv3x3``, ``depthwise``,
+    ``conv1x1``, ``dense``, ``elementwise``; ``""`` when declined)."""
+
+    function: str
+    rule: str | None
+    kind: str
+
+
+_RECORDS: list[list[Match]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Match]]:
+    """Collect a :class:`Match` for every PrimFunc the CPU rules see inside the block."""
+    record: list[Match] = []
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+def summarize(matches: list[Match]) -> dict[str, int]:
+    """``{"bnfold_conv:conv3x3": 7, ..., "unscheduled": 1}``: PrimFuncs per rule and kind."""
+    counts = collections.Counter(f"{m.rule}:{m.kind}" if m.rule else "unscheduled" for m in matches)
+    return dict(sorted(counts.items()))
+
+
+def _try(name: str, rule: Any, func: Any, target: Any) -> tuple[Any, str] | None:
+    """``rule(func, target)``, or None (declined) when a schedule primitive refuses."""
+    try:
+        return rule(func, target)
+    except Exception as e:  # a schedule primitive refused: keep the default loops
+        logger.debug("%s declined: %s", name, str(e).splitlines()[0] if str(e) else e)
+        return None
+
+
+def schedule_function(func: Any, target: Any, name: str = "") -> tuple[Any, Match]:
+    """The first rule that takes ``func``: its schedule (None if all decline) and the match."""
+    for rule_name, rule in _RULES:
+        found = _try(rule_name, rule, func, target)
+        if found is not None:
+            return found[0], Match(name, rule_name, found[1])
+    return None, Match(name, None, "")
+
+
 def cpu_rules() -> list[Any]:
-    """The schedule rules for CPU targets, in the order they are tried."""
+    """The schedule rules as dlight rules, in the order they are tried (for
+    ``dlight.ApplyDefaultSchedule``; bnfold's pipeline uses :func:`apply_rules`)."""
     from tvm.s_tir import dlight as dl
 
-    return [
-        dl.ScheduleRule.from_callable("bnfold_conv")(_declining(schedule_conv)),
-        dl.ScheduleRule.from_callable("bnfold_matmul")(_declining(schedule_matmul)),
-        dl.ScheduleRule.from_callable("bnfold_elementwise")(_declining(schedule_elementwise)),
-    ]
+    def dlight_rule(rule_name: str, rule: Any) -> Any:
+        def apply(func: Any, target: Any, _tunable: bool) -> Any:
+            found = _try(rule_name, rule, func, target)
+            return None if found is None else found[0]
+
+        return dl.ScheduleRule.from_callable(rule_name)(apply)
+
+    return [dlight_rule(n, r) for n, r in _RULES]
 
 
-def _declining(rule: Any) -> Any:
-    """A rule that declines (returns None) instead of failing the build when it cannot apply."""
+def apply_rules() -> Any:
+    """A module pass: ``dlight.ApplyDefaultSchedule`` with bnfold's rules, which also reports
+    what it did with each PrimFunc to every :func:`recording` block."""
+    import tvm
+    from tvm import tirx
 
-    def apply(func: Any, target: Any, tunable: bool) -> Any:
-        try:
-            return rule(func, target, tunable)
-        except Exception as e:  # a schedule primitive refused: keep the default loops
-            logger.debug("%s declined: %s", rule.__name__, str(e).splitlines()[0] if str(e) else e)
-            return None
+    @tvm.transform.module_pass(opt_level=0, name="bnfold.ApplyCpuRules")
+    def _apply(mod: Any, _ctx: Any) -> Any:
+        updated = {}
+        for g_var, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+                # Scheduled before the rules: a tuned schedule from a MetaSchedule database.
+                for record in _RECORDS:
+                    record.append(Match(g_var.name_hint, "tuned", "database"))
+                continue
+            target = func.attrs.get("target") or tvm.target.Target.current(allow_none=False)
+            sch, match = schedule_function(func, target, g_var.name_hint)
+            for record in _RECORDS:
+                record.append(match)
+            logger.debug("%s: %s %s", match.function, match.rule or "unscheduled", match.kind)
+            if sch is not None:
+                updated[g_var] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        for g_var, func in updated.items():
+            mod[g_var] = func
+        return mod
 
-    apply.__name__ = rule.__name__
-    return apply
+    return _apply
 
 
-def cpu_pipeline(target: Any) -> Any:
-    """Relax's CPU pipeline with :func:`cpu_rules` applied after operator fusion."""
+def fused_passes(target: Any) -> list[Any]:
+    """The CPU pipeline up to operator fusion: the PrimFuncs bnfold's rules (and MetaSchedule,
+    :mod:`bnfold.tune`) schedule are the ones these passes leave."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    return list(cpu.library_dispatch_passes(target)) + list(cpu.legalize_passes(target))
+
+
+def cpu_pipeline(target: Any, database: str | None = None) -> Any:
+    """Relax's CPU pipeline with bnfold's rules (:func:`apply_rules`) after operator fusion.
+
+    ``database``: a MetaSchedule work folder (``bnfold tune --db``); the functions it holds
+    records for take the tuned schedule, bnfold's rules schedule the others.
+    """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
+            # The database pass takes the target when it is made.
+            tuned = (
+                []
+                if database is None
+                else [tvm.relax.transform.MetaScheduleApplyDatabase(database)]
+            )
             seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(*cpu_rules())]
+                fused_passes(target)
+                + tuned
+                + [apply_rules()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
             )

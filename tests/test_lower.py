@@ -64,6 +64,22 @@ chain (float[N,3,H,W] x) => (float[N,M] y) {
 }
 """
 
+# A conv, a pool and a dense layer: the smallest model with something to tune.
+TINY = """
+<ir_version: 8, opset_import: ["" : 17]>
+tiny (float[1,4,8,8] x) => (float[1,16] y) <
+    float[8,4,1,1] w = {1, -1, 2, 0.5, 1, 1, 0, -2, 1, 0.25, -1, 2, 1, 1, -1, 0.5,
+                        2, 1, 1, 1, -1, 0, 1, 2, 0.5, 1, -1, 1, 1, 2, 1, -0.5},
+    float[8,16] fc = {LOTS}
+> {
+    c = Conv (x, w)
+    r = Relu (c)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    y = MatMul (f, fc)
+}
+""".replace("{LOTS}", "{" + ", ".join(str((i % 7) - 3) for i in range(128)) + "}")
+
 
 def _fill(text: str, rng: np.random.Generator) -> str:
     def vals(n: int, lo: float = -1.0, hi: float = 1.0) -> str:
@@ -234,6 +250,46 @@ def test_cli_compile_and_run(conv_bn: Path, tmp_path: Path) -> None:
                                    atol=1e-5)  # fmt: skip
 
 
+def test_threads_default_to_the_cores_and_are_stored(x86_build: Path) -> None:
+    m = json.loads((x86_build / lower.MANIFEST).read_text())
+    assert m["runtime"]["threads"] == os.cpu_count()
+    assert m["compile"]["schedule_rules"].get("bnfold_conv:conv3x3") == 1
+
+
+def test_cli_threads_go_to_the_manifest_and_the_runtime(conv_bn: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [str(conv_bn), "-o", str(out), "--shape", "x:1x3x16x16", "--threads", "1"]
+    result = CliRunner().invoke(compile_cmd, [*args, "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / lower.MANIFEST).read_text())["runtime"]["threads"] == 1
+    assert runtime.load(out).threads == 1
+    result = CliRunner().invoke(run_cmd, [str(out)])
+    assert result.exit_code == 0, result.output
+    assert "native, 1 thread)" in result.output
+    bad = CliRunner().invoke(compile_cmd, [str(conv_bn), "-o", str(out), "--threads", "0"])
+    assert bad.exit_code == 2
+
+
+def test_threads_are_honoured_in_a_fresh_process(conv_bn: Path, tmp_path: Path) -> None:
+    """TVM sizes its pool once per process (default: half the logical CPUs on x86): the
+    manifest's count, and an explicit one, must win in a process that has not run TVM yet."""
+    import subprocess
+    import sys
+
+    want = os.cpu_count() or 1
+    lower.compile_model(conv_bn, "x86", tmp_path, {"x": (1, 3, 16, 16)}, verify=False,
+                        threads=want)  # fmt: skip
+    code = (
+        "import sys, numpy, tvm; from bnfold import runtime; m = runtime.load(sys.argv[1]); "
+        "m.run({'x': numpy.zeros((1, 3, 16, 16), 'float32')}); "
+        "print(m.threads, tvm.runtime.num_threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=120, check=True)  # fmt: skip
+    assert proc.stdout.split() == [str(want), str(want)]
+
+
 def test_cli_compile_rejects_bad_target(conv_bn: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(compile_cmd, [str(conv_bn), "-t", "mips", "-o", str(tmp_path)])
     assert result.exit_code == 2
@@ -281,3 +337,30 @@ def test_armv7_builds_where_its_cross_compiler_is(conv_bn: Path, tmp_path: Path)
     header = (tmp_path / "model.so").read_bytes()[:20]
     assert header[:5] == b"\x7fELF\x01"  # 32-bit ELF
     assert int.from_bytes(header[18:20], "little") == 40  # EM_ARM
+
+
+@pytest.mark.slow
+def test_tune_then_compile_reuses_the_records(tmp_path: Path) -> None:
+    """`bnfold tune --trials 2` on a tiny model, then `compile --db` takes the tuned functions
+    (about a minute; needs MetaSchedule's psutil, cloudpickle and xgboost-cpu)."""
+    from bnfold import tune
+    from bnfold.cli_lower import tune_cmd
+
+    if tune.missing_packages():
+        pytest.skip(f"MetaSchedule needs {', '.join(tune.missing_packages())}")
+    model = onnx.parser.parse_model(TINY)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, path)
+    db = tmp_path / "db"
+    result = CliRunner().invoke(tune_cmd, [str(path), "--trials", "2", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    assert (db / "database_tuning_record.json").stat().st_size > 0
+    m = lower.compile_model(path, "x86", tmp_path / "out", database=db)
+    assert m.verification["status"] == "passed"
+    assert m.compile["schedule_rules"].get("tuned:database", 0) >= 1
+    assert m.compile["tuning_database"] == str(db)
+
+
+def test_compile_refuses_a_missing_database(conv_bn: Path, tmp_path: Path) -> None:
+    with pytest.raises(BnfoldError, match="not a tuning database"):
+        lower.compile_model(conv_bn, "x86", tmp_path / "o", database=tmp_path / "nothing")

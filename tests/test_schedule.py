@@ -1,0 +1,222 @@
+"""bnfold's CPU schedule rules over shapes: each rule on the shapes it must take, checked
+against onnxruntime (optimizations off) and against the rule's own record of what it matched.
+
+Several independent ops share one model (one input and one output each), so that one compile
+covers many shapes: TVM compiles each branch into its own PrimFunc.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold import lower, runtime
+from bnfold.check import run_onnxruntime
+from bnfold.targets import _schedule
+
+pytest.importorskip("tvm")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.tvm
+
+RTOL = 1e-4
+
+
+@dataclass
+class Op:
+    """One branch: ``op_type`` on an input of ``shape`` with weights ``inits`` (name suffix ->
+    array) and ``attrs``; ``relu`` adds a fused epilogue; ``kind`` is the rule's expected
+    ``rule:kind`` (None: no rule must be asserted)."""
+
+    op_type: str
+    shape: tuple[int, ...]
+    inits: dict[str, np.ndarray] = field(default_factory=dict)
+    attrs: dict[str, object] = field(default_factory=dict)
+    relu: bool = False
+    kind: str | None = None
+
+
+def _w(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _model(ops: list[Op]) -> onnx.ModelProto:
+    """A model with one independent branch per op; output shapes from ONNX shape inference."""
+    nodes, inputs, outputs, inits = [], [], [], []
+    for i, op in enumerate(ops):
+        x, y = f"x{i}", f"y{i}"
+        inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, list(op.shape)))
+        names = [x]
+        for suffix, arr in op.inits.items():
+            inits.append(numpy_helper.from_array(arr, f"{suffix}{i}"))
+            names.append(f"{suffix}{i}")
+        out = f"t{i}" if op.relu else y
+        nodes.append(helper.make_node(op.op_type, names, [out], name=f"n{i}", **op.attrs))
+        if op.relu:
+            nodes.append(helper.make_node("Relu", [out], [y], name=f"r{i}"))
+        outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "ops", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _conv(rng: np.random.Generator, shape: tuple[int, ...], out_c: int, k: tuple[int, int],
+          kind: str, *, stride: int = 1, pad: int = 0, group: int = 1, dilation: int = 1,
+          bias: bool = True, relu: bool = True) -> Op:  # fmt: skip
+    inits = {"w": _w(rng, out_c, shape[1] // group, *k)}
+    if bias:
+        inits["b"] = _w(rng, out_c)
+    attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "group": group,
+             "dilations": [dilation] * 2, "kernel_shape": list(k)}  # fmt: skip
+    return Op("Conv", shape, inits, attrs, relu, f"bnfold_conv:{kind}")
+
+
+def _conv_ops(rng: np.random.Generator) -> list[Op]:
+    return [
+        _conv(rng, (1, 8, 7, 9), 16, (3, 3), "conv3x3", pad=1),
+        _conv(rng, (1, 8, 9, 7), 12, (3, 3), "conv3x3", stride=2, pad=1),
+        _conv(rng, (1, 4, 11, 9), 8, (3, 3), "conv3x3", dilation=2, bias=False),
+        _conv(rng, (1, 6, 10, 10), 8, (3, 3), "conv3x3", stride=2, relu=False),
+        _conv(rng, (1, 8, 7, 9), 8, (3, 3), "conv3x3", pad=1, group=2),
+        _conv(rng, (1, 16, 7, 9), 16, (3, 3), "depthwise", pad=1, group=16),
+        _conv(rng, (1, 16, 9, 11), 16, (3, 3), "depthwise", stride=2, pad=1, group=16),
+        _conv(rng, (1, 8, 13, 13), 8, (3, 3), "depthwise", pad=2, group=8, dilation=2),
+        _conv(rng, (1, 16, 7, 9), 24, (1, 1), "conv1x1"),
+        _conv(rng, (1, 16, 8, 8), 8, (1, 1), "conv1x1", stride=2, bias=False),
+        _conv(rng, (1, 24, 14, 14), 32, (1, 1), "conv1x1", relu=False),
+        _conv(rng, (1, 3, 13, 11), 8, (5, 5), "conv5x5", stride=2, pad=2),
+        _conv(rng, (1, 3, 16, 16), 8, (7, 7), "conv7x7", stride=2, pad=3),
+    ]
+
+
+def _dense_ops(rng: np.random.Generator) -> list[Op]:
+    return [
+        Op(
+            "Gemm",
+            (1, 64),
+            {"w": _w(rng, 10, 64), "b": _w(rng, 10)},
+            {"transB": 1},
+            kind="bnfold_matmul:dense",
+        ),
+        Op(
+            "Gemm",
+            (1, 48),
+            {"w": _w(rng, 48, 32), "b": _w(rng, 32)},
+            relu=True,
+            kind="bnfold_matmul:dense",
+        ),
+        Op("MatMul", (1, 40), {"w": _w(rng, 40, 24)}, kind="bnfold_matmul:dense"),
+        Op("MatMul", (2, 16), {"w": _w(rng, 16, 8)}, kind="bnfold_matmul:dense"),
+    ]
+
+
+def _pool_ops(_rng: np.random.Generator) -> list[Op]:
+    # Pools are reductions: no bnfold rule takes them yet; they must still compute right.
+    return [
+        Op(
+            "MaxPool",
+            (1, 8, 9, 7),
+            attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+        ),
+        Op("AveragePool", (1, 4, 8, 10), attrs={"kernel_shape": [2, 2], "strides": [2, 2]}),
+        Op("GlobalAveragePool", (1, 16, 7, 9)),
+        Op(
+            "Add",
+            (1, 8, 7, 9),
+            {"c": _w(np.random.default_rng(5), 1, 8, 1, 1)},
+            kind="bnfold_elementwise:elementwise",
+        ),
+    ]
+
+
+def _compile_and_compare(
+    ops: list[Op], target: str, tmp_path: Path, rng: np.random.Generator
+) -> list[_schedule.Match]:
+    model = _model(ops)
+    path = tmp_path / "ops.onnx"
+    onnx.save(model, path)
+    shapes = {f"x{i}": op.shape for i, op in enumerate(ops)}
+    with _schedule.recording() as matches:
+        lower.compile_model(path, target, tmp_path / target, shapes, verify=False, fold=False)
+    feeds = {f"x{i}": _w(rng, *op.shape) for i, op in enumerate(ops)}
+    got = runtime.load(tmp_path / target).run(feeds)
+    ref = run_onnxruntime(model, feeds)
+    for name, want in ref.items():
+        np.testing.assert_allclose(got[name], want, rtol=RTOL,
+                                   atol=RTOL * float(np.abs(want).max()), err_msg=name)  # fmt: skip
+    return list(matches)
+
+
+def _assert_rules(ops: list[Op], matches: list[_schedule.Match]) -> None:
+    """Every expected ``rule:kind`` was matched as often as the ops that expect it (identical
+    PrimFuncs would be shared, so each op here has its own shape)."""
+    want = collections.Counter(op.kind for op in ops if op.kind)
+    got = collections.Counter(f"{m.rule}:{m.kind}" for m in matches if m.rule)
+    for kind, n in want.items():
+        assert got[kind] >= n, f"{kind}: {got[kind]} matched, {n} expected; all: {matches}"
+
+
+@pytest.mark.parametrize("family", [_conv_ops, _dense_ops, _pool_ops], ids=lambda f: f.__name__)
+def test_rules_on_x86_match_onnxruntime(family: object, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    ops = family(rng)  # type: ignore[operator]
+    matches = _compile_and_compare(ops, "x86", tmp_path, rng)
+    _assert_rules(ops, matches)
+
+
+def test_conv_rule_records_every_conv_it_takes(tmp_path: Path) -> None:
+    """The manifest's summary counts what the recording saw."""
+    rng = np.random.default_rng(1)
+    ops = [_conv(rng, (1, 8, 7, 9), 16, (3, 3), "conv3x3", pad=1)]
+    path = tmp_path / "one.onnx"
+    onnx.save(_model(ops), path)
+    m = lower.compile_model(path, "x86", tmp_path / "out", verify=False, fold=False)
+    assert m.compile["schedule_rules"].get("bnfold_conv:conv3x3") == 1
+    assert "unscheduled" not in m.compile["schedule_rules"]
+
+
+def test_rules_decline_what_they_cannot_take() -> None:
+    """Each rule returns None (declines) on a function of another kind."""
+    import tvm
+    from tvm import relax
+
+    from bnfold.targets import get
+
+    rng = np.random.default_rng(2)
+    model = _model([_conv(rng, (1, 8, 7, 9), 16, (3, 3), "conv3x3", pad=1),
+                    *_dense_ops(rng)[:1], *_pool_ops(rng)[:1]])  # fmt: skip
+    mod = lower.import_relax(model, {"x0": (1, 8, 7, 9), "x1": (1, 64), "x2": (1, 8, 9, 7)})
+    target = tvm.target.Target(get("x86").tvm_target())
+    with target:
+        mod = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR(),
+        ])(mod)  # fmt: skip
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    kinds = {name: _schedule.schedule_function(f, target, name)[1] for name, f in funcs.items()}
+    assert {m.rule for m in kinds.values()} >= {"bnfold_conv", "bnfold_matmul"}
+    for name, m in kinds.items():
+        if "pool" in name:
+            assert m.rule is None
+        if "conv2d" not in name:
+            assert _schedule.schedule_conv(funcs[name], target, False) is None
+
+
+@pytest.mark.qemu
+def test_rules_on_arm64_match_onnxruntime_under_qemu(tmp_path: Path) -> None:
+    from bnfold.targets import get
+
+    if not get("arm64").can_run():
+        pytest.skip(get("arm64").can_run().why)
+    rng = np.random.default_rng(0)
+    ops = _conv_ops(rng)[::2] + _dense_ops(rng)[:2]
+    matches = _compile_and_compare(ops, "arm64", tmp_path, rng)
+    _assert_rules(ops, matches)
