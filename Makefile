@@ -18,7 +18,7 @@ CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,models,tvm]'
+	$(BIN)/pip install -q -e '.[test,models,tvm,tune]'
 	touch $@
 
 venv: $(STAMP)
