@@ -11,7 +11,7 @@ export BNFOLD_CACHE := $(CURDIR)/.cache/bnfold
 # Cross toolchains and user-mode emulation for the arm64/armv7 targets (Debian packages).
 CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf
 
-.PHONY: venv models demo test lint clean cross-tools bench
+.PHONY: venv models demo test lint clean cross-tools bench bench-suite
 
 # The venv is rebuilt when the package metadata changes. torch is pinned to the CPU build that
 # this machine kind keeps on local disk (an unpinned torch would pull a multi-GB CUDA build).
@@ -44,6 +44,10 @@ cross-tools:
 # x86 latency of the compiled models vs onnxruntime (ORT_ENABLE_ALL), 1 and 2 threads.
 bench: models
 	$(BIN)/python -m benchmarks.bench_cpu --cache $(CACHE)
+
+# Latency of 4 runtimes + fold time vs TVM's FoldBatchnormToConv2D on the real models, with plots.
+bench-suite: models
+	$(BIN)/python -m benchmarks.run --cache $(CACHE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check bnfold passes targets tests benchmarks

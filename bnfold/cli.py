@@ -22,6 +22,7 @@ from typing import NoReturn
 import click
 
 from bnfold import __version__
+from bnfold.cli_deploy import COMMANDS as DEPLOY_COMMANDS
 from bnfold.cli_lower import COMMANDS as LOWER_COMMANDS
 from bnfold.cli_quant import COMMANDS as QUANT_COMMANDS
 from bnfold.cli_types import max_size_option, shape_option, tolerance_options
@@ -251,7 +252,7 @@ def verify(
 
 # Commands defined in their own modules, registered explicitly (those modules import nothing
 # heavy at module level, so start-up stays fast).
-for _command in (*LOWER_COMMANDS, *QUANT_COMMANDS):
+for _command in (*LOWER_COMMANDS, *QUANT_COMMANDS, *DEPLOY_COMMANDS):
     cli.add_command(_command)
 
 

@@ -1,0 +1,325 @@
+"""Deploy a ``bnfold compile`` folder to a device over TVM RPC, check it there and time it.
+
+:func:`deploy` uploads the artifact (``model.so``) to a TVM RPC server (directly, or through a
+tracker by key), loads it on the device in the Relax VM on ``remote.cpu()``, runs it on the given
+inputs (or random ones with the manifest's shapes), downloads the outputs and compares them with
+onnxruntime on this host running the *unfolded* original (the manifest records its path and
+sha256; when that file is gone or changed, ``model.folded.onnx`` from the folder is the
+reference and the result says so). Then it times ``main`` on the device with TVM's
+``time_evaluator``. :func:`serve` starts a TVM RPC server in this process.
+
+TVM RPC has no authentication: anyone who can reach a server can upload and run any code on it.
+Serve on loopback, or on an isolated network, behind a tracker whose key only your clients know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnfold.errors import BnfoldError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 0.0
+DEFAULT_RTOL = 1e-4
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_addr(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``HOST`` when ``default_port`` is given) -> ``(host, port)``."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise BnfoldError(f"'{text}': expected HOST:PORT")
+        return host, default_port
+    try:
+        number = int(port)
+    except ValueError:
+        raise BnfoldError(f"'{text}': the port must be a number") from None
+    if not host or not 0 < number < 65536:
+        raise BnfoldError(f"'{text}': expected HOST:PORT with a port in 1..65535")
+    return host.strip("[]"), number
+
+
+@dataclasses.dataclass
+class DeployResult:
+    """What :func:`deploy` measured."""
+
+    target: str
+    device: str
+    reference: str
+    reference_note: str
+    inputs: str
+    passed: bool
+    worst_ratio: float
+    table: str
+    latency_ms: dict[str, float]
+    upload_s: float
+    load_s: float
+    run_s: float
+    metrics: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+def connect(
+    rpc: str | None = None,
+    *,
+    key: str | None = None,
+    tracker: str | None = None,
+    session_timeout: float = 0,
+    priority: int = 1,
+) -> Any:
+    """An RPC session: through ``tracker`` (``HOST:PORT``) by ``key``, else direct to ``rpc``."""
+    from tvm import rpc as tvm_rpc
+
+    try:
+        if tracker:
+            if not key:
+                raise BnfoldError("--tracker needs --key (the device kind the servers registered)")
+            host, port = parse_addr(tracker)
+            client = tvm_rpc.connect_tracker(host, port)
+            logger.info("tracker %s:%d: requesting a '%s' server", host, port, key)
+            return client.request(key, priority=priority, session_timeout=session_timeout)
+        if not rpc:
+            raise BnfoldError("give --rpc HOST:PORT or --tracker HOST:PORT --key KEY")
+        host, port = parse_addr(rpc)
+        logger.info("connecting to the RPC server %s:%d", host, port)
+        return tvm_rpc.connect(host, port, key=key or "", session_timeout=session_timeout)
+    except BnfoldError:
+        raise
+    except Exception as e:  # tvm raises TVMError/RuntimeError/OSError with long text
+        what = f"tracker {tracker}" if tracker else f"server {rpc}"
+        lines = str(e).strip().splitlines()
+        raise BnfoldError(f"cannot reach the RPC {what}: {lines[-1] if lines else e!r}") from None
+
+
+def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
+    """The model to compare with: the unfolded original recorded in the manifest when it is
+    there unchanged, else ``model.folded.onnx`` (with a note saying why)."""
+    from bnfold.lower import FOLDED, sha256_file
+
+    source = manifest.get("source", {})
+    path = Path(source.get("path", ""))
+    if not path.is_absolute() and not path.is_file():
+        path = outdir / path.name
+    if source.get("path") and path.is_file():
+        if sha256_file(path) == source.get("sha256"):
+            return path, ""
+        note = f"the original {path} changed since compile (sha256 differs)"
+    else:
+        note = f"the original {source.get('path', '?')} is not available"
+    folded = outdir / manifest.get("folded", {}).get("file", FOLDED)
+    if not folded.is_file():
+        raise BnfoldError(f"{outdir}: neither the original model nor {folded.name} is available")
+    return folded, f"{note}: compared against {folded.name} (the folded model) instead"
+
+
+def _feeds(
+    manifest: Mapping[str, Any], inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None
+) -> tuple[dict[str, np.ndarray], str]:
+    specs = manifest["inputs"]
+    if inputs is None:
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for s in specs:
+            dtype = np.dtype(s["dtype"])
+            if dtype.kind == "f":
+                feeds[s["name"]] = rng.standard_normal(s["shape"]).astype(dtype)
+            else:
+                feeds[s["name"]] = rng.integers(0, 4, s["shape"]).astype(dtype)
+        return feeds, "random (seed 0)"
+    if isinstance(inputs, Mapping):
+        feeds, how = dict(inputs), "given"
+    else:
+        path = Path(inputs)
+        if not path.is_file():
+            raise BnfoldError(f"{path}: no such inputs file")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                feeds = {k: data[k] for k in data.files}
+        except Exception as e:
+            raise BnfoldError(f"{path}: cannot read inputs ({str(e).splitlines()[0]})") from None
+        how = str(path)
+    for s in specs:
+        a = feeds.get(s["name"])
+        if a is None:
+            raise BnfoldError(f"inputs have no array '{s['name']}' (have {sorted(feeds)})")
+        if list(a.shape) != list(s["shape"]) or a.dtype != np.dtype(s["dtype"]):
+            raise BnfoldError(f"input '{s['name']}' is {a.dtype}{list(a.shape)}, the artifact "
+                              f"was compiled for {s['dtype']}{list(s['shape'])}")  # fmt: skip
+    return {s["name"]: np.ascontiguousarray(feeds[s["name"]]) for s in specs}, how
+
+
+def _flatten(value: Any) -> list[Any]:
+    if hasattr(value, "numpy"):
+        return [value]
+    return [t for item in value for t in _flatten(item)]
+
+
+def latency_stats(seconds: list[float]) -> dict[str, float]:
+    """p50 / p90 / min / max / mean in ms of per-run times given in seconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    return {
+        "p50": statistics.median(ms),
+        "p90": float(np.percentile(ms, 90)),
+        "min": ms[0],
+        "max": ms[-1],
+        "mean": statistics.fmean(ms),
+        "samples": len(ms),
+    }
+
+
+def deploy(
+    outdir: str | os.PathLike[str],
+    rpc: str | None = None,
+    *,
+    key: str | None = None,
+    tracker: str | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    warmup: int = 3,
+    repeat: int = 20,
+    number: int = 1,
+    session_timeout: float = 0,
+) -> DeployResult:
+    """Upload, load, run, check and time the artifact in ``outdir`` on an RPC device.
+
+    Args:
+        outdir: A ``bnfold compile`` output folder.
+        rpc: ``HOST:PORT`` of a TVM RPC server (ignored when ``tracker`` is given).
+        key: The device key (tracker), or the server's key for a direct connection.
+        tracker: ``HOST:PORT`` of a TVM RPC tracker.
+        inputs: ``.npz`` path or dict of arrays (the compiled shapes); random when None.
+        atol: Absolute tolerance of the gate (:func:`bnfold.check.compare_outputs`).
+        rtol: Tolerance relative to max|reference|.
+        warmup: Untimed runs before timing.
+        repeat: Timed measurements (each the mean of ``number`` runs) for p50/p90/min.
+        number: Runs per measurement.
+        session_timeout: Seconds after which the server may end the session (0: never).
+
+    Raises:
+        BnfoldError: Bad folder or inputs, server unreachable, artifact cannot load there.
+    """
+    import tvm
+
+    from bnfold import check
+    from bnfold.runtime import read_manifest
+
+    out = Path(outdir)
+    manifest = read_manifest(out)
+    files = manifest["artifact"]["files"]
+    if manifest["target"].get("device", "cpu") != "cpu":
+        raise BnfoldError(f"{out} is a {manifest['target']['device']} build: deploy runs CPU "
+                          "artifacts (remote.cpu())")  # fmt: skip
+    library = out / files["library"]
+    if not library.is_file():
+        raise BnfoldError(f"{library}: missing")
+    feeds, how = _feeds(manifest, inputs)
+    ref_path, note = reference_model(out, manifest)
+    if note:
+        logger.warning("%s", note)
+
+    remote = connect(rpc, key=key, tracker=tracker, session_timeout=session_timeout)
+    try:
+        t0 = time.perf_counter()
+        remote_name = f"bnfold-{os.getpid()}-{int(time.time() * 1e3)}-{library.name}"
+        remote.upload(str(library), remote_name)
+        t1 = time.perf_counter()
+        dev = remote.cpu()
+        lib = remote.load_module(remote_name)
+        vm = tvm.relax.VirtualMachine(lib, dev)
+        t2 = time.perf_counter()
+        args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
+        got_list = [t.numpy() for t in _flatten(vm["main"](*args))]
+        t3 = time.perf_counter()
+    except BnfoldError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise BnfoldError(f"running {library.name} on the RPC device failed: "
+                          f"{msg[-1] if msg else repr(e)}") from None  # fmt: skip
+    names = [o["name"] for o in manifest["outputs"]]
+    if len(got_list) != len(names):
+        raise BnfoldError(f"the device returned {len(got_list)} outputs, expected {len(names)}")
+    got = dict(zip(names, got_list, strict=True))
+    ref = check.run_onnxruntime(ref_path, feeds)
+    result = check.compare_outputs(ref, got, atol, rtol)
+
+    for _ in range(max(warmup - 1, 0)):  # the time_evaluator does one more untimed run
+        vm["main"](*args)
+    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+    latency = latency_stats(list(timer(*args).results))
+    with_remove = getattr(remote, "remove", None)
+    if with_remove is not None:
+        try:
+            with_remove(remote_name)
+        except Exception:  # the server may keep its temp folder; not worth failing over
+            logger.debug("could not remove %s on the device", remote_name)
+    logger.info("deploy %s: %s, p50 %.3f ms", manifest["target"]["spec"],
+                "PASS" if result.passed else "FAIL", latency["p50"])  # fmt: skip
+    return DeployResult(
+        target=manifest["target"]["spec"],
+        device=str(dev),
+        reference=str(ref_path),
+        reference_note=note,
+        inputs=how,
+        passed=result.passed,
+        worst_ratio=result.worst_ratio,
+        table=result.table(),
+        latency_ms=latency,
+        upload_s=round(t1 - t0, 3),
+        load_s=round(t2 - t1, 3),
+        run_s=round(t3 - t2, 3),
+        metrics=result.to_dict(),
+    )
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 9090,
+    port_end: int | None = None,
+    *,
+    tracker: str | None = None,
+    key: str = "",
+    custom_addr: str | None = None,
+) -> Any:
+    """Start a TVM RPC server in this process (a listening thread); returns its state object
+    (``.port``, ``.thread``). No new Python is spawned, so it also works in an emulated Python.
+
+    Binding to anything but loopback logs a warning: TVM RPC has no authentication.
+    """
+    from tvm.rpc import server as tvm_server
+
+    if host not in LOOPBACK:
+        logger.warning("TVM RPC has NO authentication: anyone who can reach %s:%d can upload and "
+                       "run arbitrary code on this machine. Use it only on an isolated network, "
+                       "behind a tracker key only your clients know.", host, port)  # fmt: skip
+    tracker_addr = parse_addr(tracker) if tracker else None
+    if tracker_addr and not key:
+        raise BnfoldError("--tracker needs --key (the device kind to register under)")
+    try:
+        bound = tvm_server._popen_start_rpc_server(
+            host, port, port_end if port_end is not None else port + 1,
+            tracker_addr=tracker_addr, key=key, custom_addr=custom_addr, silent=False,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise BnfoldError(f"cannot listen on {host}:{port}: {e}") from None
+    state = tvm_server.PopenRPCServerState.current
+    where = f", registered with tracker {tracker} as '{key}'" if tracker_addr else ""
+    logger.info("TVM RPC server on %s:%d%s", host, bound, where)
+    return state

@@ -1,0 +1,238 @@
+"""``bnfold deploy`` / ``serve`` against real TVM RPC servers on loopback.
+
+Servers run as subprocesses (``bnfold.deploy.serve`` in a plain ``python -c``), the tracker as
+``python -m tvm.exec.rpc_tracker``; each on a free port. The model is a small conv+BN built
+with onnx.parser and compiled for x86.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+from bnfold import deploy, lower  # noqa: E402
+from bnfold.cli_deploy import deploy_cmd, serve_cmd  # noqa: E402
+from bnfold.errors import BnfoldError, CheckFailed  # noqa: E402
+
+CONV_BN = """
+<ir_version: 8, opset_import: ["" : 17]>
+convbn (float[N,3,8,8] x) => (float[N,4] y) <
+    float[8,3,3,3] w = {W}, float[8] b = {B8},
+    float[8] scale = {S}, float[8] shift = {B8}, float[8] mean = {B8}, float[8] var = {S},
+    float[4,8] fc = {FC}
+> {
+    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    n = BatchNormalization <epsilon = 1e-5> (c, scale, shift, mean, var)
+    r = Relu (n)
+    p = GlobalAveragePool (r)
+    f = Flatten (p)
+    y = Gemm <transB = 1> (f, fc)
+}
+"""
+
+
+def _vals(rng: np.random.Generator, n: int, lo: float, hi: float) -> str:
+    return "{" + ", ".join(f"{v:.6f}" for v in rng.uniform(lo, hi, n)) + "}"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_server(port: int, tracker: str | None = None, key: str = "") -> subprocess.Popen[bytes]:
+    """A bnfold RPC server subprocess on loopback (``deploy.serve``), ready to accept."""
+    code = (
+        "import sys; from bnfold import deploy; "
+        f"s = deploy.serve('127.0.0.1', {port}, tracker={tracker!r}, key={key!r}); "
+        "s.thread.join()"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
+    _wait_port(port, proc)
+    return proc
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait(timeout=10)
+
+
+def _model(rng: np.random.Generator) -> onnx.ModelProto:
+    text = CONV_BN.replace("{W}", _vals(rng, 216, -1, 1)).replace("{B8}", _vals(rng, 8, -1, 1))
+    text = text.replace("{S}", _vals(rng, 8, 0.5, 2)).replace("{FC}", _vals(rng, 32, -1, 1))
+    return onnx.parser.parse_model(text)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("deploy")
+    model = root / "convbn.onnx"
+    onnx.save(_model(np.random.default_rng(0)), model)
+    out = root / "x86"
+    lower.compile_model(model, "x86", out, {"x": (1, 3, 8, 8)}, verify=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[int]:
+    port = free_port()
+    proc = start_server(port)
+    yield port
+    _stop([proc])
+
+
+def test_deploy_loopback_passes_and_times(build: Path, server: int, tmp_path: Path) -> None:
+    out = tmp_path / "deploy.json"
+    res = CliRunner().invoke(
+        deploy_cmd, [str(build), "--rpc", f"127.0.0.1:{server}", "--json", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "PASS" in res.output and "p50" in res.output and "note:" not in res.output
+    data = json.loads(out.read_text())
+    assert data["passed"] and data["reference"].endswith("convbn.onnx")
+    lat = data["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] and lat["samples"] == 20
+
+
+def test_deploy_given_inputs_and_missing_original(build: Path, server: int, tmp_path: Path) -> None:
+    manifest = json.loads((build / lower.MANIFEST).read_text())
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("model.so", lower.FOLDED):
+        (copy / name).write_bytes((build / name).read_bytes())
+    manifest["source"]["path"] = str(tmp_path / "gone.onnx")
+    (copy / lower.MANIFEST).write_text(json.dumps(manifest))
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    r = deploy.deploy(copy, f"127.0.0.1:{server}", inputs=tmp_path / "x.npz", repeat=3)
+    assert r.passed and r.reference.endswith(lower.FOLDED)
+    assert "not available" in r.reference_note and r.inputs.endswith("x.npz")
+
+
+def test_deploy_gate_fails_with_exit_1(build: Path, server: int, tmp_path: Path) -> None:
+    # The original is gone and model.folded.onnx is another model (other weights): FAIL.
+    manifest = json.loads((build / lower.MANIFEST).read_text())
+    manifest["source"]["path"] = str(tmp_path / "gone.onnx")
+    (tmp_path / lower.MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "model.so").write_bytes((build / "model.so").read_bytes())
+    onnx.save(_model(np.random.default_rng(7)), tmp_path / lower.FOLDED)
+    res = CliRunner().invoke(deploy_cmd, [str(tmp_path), "--rpc", f"127.0.0.1:{server}"])
+    assert isinstance(res.exception, CheckFailed) and "FAIL" in res.output, res.output
+
+
+def test_deploy_errors_are_one_line(build: Path) -> None:
+    with pytest.raises(BnfoldError, match="cannot reach"):
+        deploy.deploy(build, f"127.0.0.1:{free_port()}")
+    with pytest.raises(BnfoldError, match="HOST:PORT"):
+        deploy.parse_addr("localhost")
+    res = CliRunner().invoke(deploy_cmd, [str(build)])
+    assert res.exit_code == 2
+
+
+def test_deploy_through_tracker_with_two_servers(build: Path) -> None:
+    pytest.importorskip("tornado")  # TVM's tracker needs it; apache-tvm does not declare it
+    from tvm import rpc
+
+    tport = free_port()
+    tracker = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+         "--port", str(tport), "--port-end", str(tport + 1)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    procs = [tracker]
+    try:
+        _wait_port(tport, tracker)
+        addr = f"127.0.0.1:{tport}"
+        procs += [start_server(free_port(), addr, "edge") for _ in range(2)]
+        client = rpc.connect_tracker("127.0.0.1", tport)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            queue = client.summary()["queue_info"].get("edge", {})
+            if queue.get("free") == 2:
+                break
+            time.sleep(0.2)
+        assert queue.get("free") == 2, client.summary()
+        held = client.request("edge")  # hold one server: deploy must get the other one
+        r = deploy.deploy(build, tracker=addr, key="edge", repeat=5)
+        assert r.passed and r.latency_ms["p50"] > 0
+        del held
+        res = CliRunner().invoke(deploy_cmd, [str(build), "--tracker", addr, "--key", "edge"])
+        assert res.exit_code == 0 and "PASS" in res.output, res.output
+    finally:
+        _stop(procs)
+
+
+def test_serve_warns_off_loopback(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tvm.rpc import server as tvm_server
+
+    res = CliRunner().invoke(serve_cmd, ["--help"])
+    text = " ".join(res.output.split())
+    assert "no authentication" in text and "isolated network" in text
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise OSError("not binding in a test")
+
+    monkeypatch.setattr(tvm_server, "_popen_start_rpc_server", refuse)
+    with pytest.raises(BnfoldError, match="cannot listen"):
+        deploy.serve("0.0.0.0", 9090)
+    assert "NO authentication" in caplog.text
+    caplog.clear()
+    with pytest.raises(BnfoldError, match="cannot listen"):
+        deploy.serve("127.0.0.1", 9090)
+    assert "NO authentication" not in caplog.text
+
+
+def test_serve_command_serves_and_stops_on_sigterm(build: Path) -> None:
+    port = free_port()
+    code = (
+        "import sys; from bnfold.cli import cli, main; from bnfold.cli_deploy import COMMANDS; "
+        "[cli.add_command(c) for c in COMMANDS]; main(sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        _wait_port(port, proc)
+        assert deploy.deploy(build, f"127.0.0.1:{port}", repeat=2).passed
+        proc.terminate()
+        assert proc.wait(timeout=10) == 143
+        assert f"listening on 127.0.0.1:{port}" in (proc.stdout.read() if proc.stdout else "")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
