@@ -15,106 +15,36 @@ TVM / onnxruntime (below 1 means the compiled model is faster).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from bnfold.bench import cpu_name, measure
 
 logger = logging.getLogger("bench_cpu")
 
 DEFAULT_MODELS = ("mobilenet_v2", "resnet18")
 BLOCK = 5  # timed runs per engine per round
-PAUSE_S = 0.2  # between blocks: lets the other engine's pool stop spinning
-WARMUP = 3
-ENGINES = ("tvm", "onnxruntime")
-
-
-def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
-    """A timing server for one engine: load, warm up, then answer each ``run N`` line on stdin
-    with a JSON list of N latencies (ms) on stdout, until ``quit``."""
-    import numpy as np
-
-    from bnfold import runtime
-
-    compiled = runtime.load(outdir, threads=threads)
-    rng = np.random.default_rng(0)
-    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in compiled.inputs}
-    if engine == "tvm":
-
-        def fn() -> None:
-            compiled.run(feeds)
-
-    else:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-
-        def fn() -> None:
-            sess.run(None, feeds)
-
-    for _ in range(WARMUP):
-        fn()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        cmd, *arg = line.split()
-        if cmd != "run":
-            break
-        fn()  # untimed: caches and the pool warm up again after the other engine's block
-        times = []
-        for _ in range(int(arg[0])):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        print(json.dumps(times), flush=True)
 
 
 def _measure(outdir: Path, model_path: Path, threads: int, rounds: int) -> dict[str, Any]:
-    """Median latency of both engines at ``threads`` threads, timed alternately."""
-    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    servers: dict[str, subprocess.Popen[str]] = {}
-    try:
-        for engine in ENGINES:
-            cmd = [sys.executable, "-m", "benchmarks.bench_cpu", "--serve", engine,
-                   str(outdir), str(model_path), str(threads)]  # fmt: skip
-            servers[engine] = proc = subprocess.Popen(
-                cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"the {engine} timing server failed to start")
-        times: dict[str, list[float]] = {k: [] for k in ENGINES}
-        for _ in range(rounds):
-            for engine, proc in servers.items():
-                assert proc.stdin is not None and proc.stdout is not None
-                time.sleep(PAUSE_S)
-                proc.stdin.write(f"run {BLOCK}\n")
-                proc.stdin.flush()
-                times[engine] += json.loads(proc.stdout.readline())
-    finally:
-        for proc in servers.values():
-            if proc.stdin is not None:
-                proc.stdin.close()  # EOF ends the server's loop
-            proc.wait(timeout=60)
+    """TVM artifact vs onnxruntime ORT_ENABLE_ALL, timed by bnfold.bench's alternating servers."""
+    times = measure(
+        {"compiled": (outdir, model_path), "ort": (outdir, model_path)}, threads, rounds, BLOCK
+    )
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "threads": threads,
-        "tvm_ms": med["tvm"],
-        "ort_ms": med["onnxruntime"],
-        "ratio": med["tvm"] / med["onnxruntime"],
-        "tvm_ms_min": min(times["tvm"]),
-        "ort_ms_min": min(times["onnxruntime"]),
-        "samples": len(times["tvm"]),
+        "tvm_ms": med["compiled"],
+        "ort_ms": med["ort"],
+        "ratio": med["compiled"] / med["ort"],
+        "tvm_ms_min": min(times["compiled"]),
+        "ort_ms_min": min(times["ort"]),
+        "samples": len(times["compiled"]),
     }
 
 
@@ -129,16 +59,6 @@ def _compile(name: str, cache: Path, workdir: Path) -> tuple[Path, dict[str, Any
     return outdir, manifest.compile
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Compile, time, print a table and write JSON; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -148,14 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".cache/models"))
     parser.add_argument("--workdir", type=Path, default=Path(".cache/bench"))
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_cpu.json"))
-    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-
-    if args.serve:
-        engine, outdir, model, threads = args.serve
-        _serve(engine, Path(outdir), Path(model), int(threads))
-        return 0
 
     rows = []
     for name in args.models.split(","):
@@ -179,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from bnfold import atomic, lower
 
     atomic.write_json(args.json, {
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "versions": lower.versions(),
         "batch": 1,

@@ -46,8 +46,9 @@ def main() -> None:
     print(f"{'model':<14} {'BN':>4} {'back/fwd/affine/kept':>21} {'pass ms':>9} {'total ms':>9}")
     for name in MODEL_NAMES:
         r = measure(model_path(args.cache, name), args.repeat)
-        print(f"{name:<14} {r['bn']:>4} {r['outcome']:>21} {r['pass_ms']:>9.1f} "
-              f"{r['total_ms']:>9.1f}")
+        print(
+            f"{name:<14} {r['bn']:>4} {r['outcome']:>21} {r['pass_ms']:>9.1f} {r['total_ms']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

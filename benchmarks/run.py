@@ -183,16 +183,6 @@ def plots(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     return written
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -211,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from bnfold import atomic, lower
+    from bnfold.bench import cpu_name
 
     args.results.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
     if args.plots_only:
         rows = json.loads((args.results / "suite.json").read_text())["rows"]
     else:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -126,6 +127,17 @@ def measure(
             except subprocess.TimeoutExpired:
                 proc.kill()
     return times
+
+
+def cpu_name() -> str:
+    """This machine's CPU model name (for benchmark reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: fall back below
+        pass
+    return platform.processor() or "?"
 
 
 def summarize(times: list[float]) -> dict[str, float]:
