@@ -431,24 +431,29 @@ def fused_passes(target: Any) -> list[Any]:
 def cpu_pipeline(target: Any, database: str | None = None) -> Any:
     """Relax's CPU pipeline with bnfold's rules (:func:`apply_rules`) after operator fusion.
 
-    ``database``: a MetaSchedule work folder (``bnfold tune --db``); the functions it holds
-    records for take the tuned schedule, bnfold's rules schedule the others.
+    ``database``: a MetaSchedule work folder (``bnfold tune --db``); the functions for which
+    ``bnfold tune`` chose a record (:func:`bnfold.tune.chosen_database`) take the tuned
+    schedule, bnfold's rules schedule the others.
     """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
-            # The database pass takes the target when it is made.
-            tuned = (
-                []
-                if database is None
-                else [tvm.relax.transform.MetaScheduleApplyDatabase(database)]
+        tuned: Any = contextlib.nullcontext()
+        if database is not None:
+            from bnfold.tune import chosen_database
+
+            tuned = chosen_database(database)
+        with target, tuned:
+            # The database pass takes the target when it is made, and the database (the one
+            # entered above) when it runs.
+            apply_db = (
+                [] if database is None else [tvm.relax.transform.MetaScheduleApplyDatabase()]
             )
             seq = tvm.transform.Sequential(
                 fused_passes(target)
-                + tuned
+                + apply_db
                 + [apply_rules()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)

@@ -64,23 +64,6 @@ chain (float[N,3,H,W] x) => (float[N,M] y) {
 }
 """
 
-# A conv, a pool and a dense layer: the smallest model with something to tune.
-TINY = """
-<ir_version: 8, opset_import: ["" : 17]>
-tiny (float[1,4,8,8] x) => (float[1,16] y) <
-    float[8,4,1,1] w = {1, -1, 2, 0.5, 1, 1, 0, -2, 1, 0.25, -1, 2, 1, 1, -1, 0.5,
-                        2, 1, 1, 1, -1, 0, 1, 2, 0.5, 1, -1, 1, 1, 2, 1, -0.5},
-    float[8,16] fc = {LOTS}
-> {
-    c = Conv (x, w)
-    r = Relu (c)
-    p = GlobalAveragePool (r)
-    f = Flatten (p)
-    y = MatMul (f, fc)
-}
-""".replace("{LOTS}", "{" + ", ".join(str((i % 7) - 3) for i in range(128)) + "}")
-
-
 def _fill(text: str, rng: np.random.Generator) -> str:
     def vals(n: int, lo: float = -1.0, hi: float = 1.0) -> str:
         return "{" + ", ".join(f"{v:.6f}" for v in rng.uniform(lo, hi, n)) + "}"
@@ -337,28 +320,6 @@ def test_armv7_builds_where_its_cross_compiler_is(conv_bn: Path, tmp_path: Path)
     header = (tmp_path / "model.so").read_bytes()[:20]
     assert header[:5] == b"\x7fELF\x01"  # 32-bit ELF
     assert int.from_bytes(header[18:20], "little") == 40  # EM_ARM
-
-
-@pytest.mark.slow
-def test_tune_then_compile_reuses_the_records(tmp_path: Path) -> None:
-    """`bnfold tune --trials 2` on a tiny model, then `compile --db` takes the tuned functions
-    (about a minute; needs MetaSchedule's psutil, cloudpickle and xgboost-cpu)."""
-    from bnfold import tune
-    from bnfold.cli_lower import tune_cmd
-
-    if tune.missing_packages():
-        pytest.skip(f"MetaSchedule needs {', '.join(tune.missing_packages())}")
-    model = onnx.parser.parse_model(TINY)
-    path = tmp_path / "tiny.onnx"
-    onnx.save(model, path)
-    db = tmp_path / "db"
-    result = CliRunner().invoke(tune_cmd, [str(path), "--trials", "2", "--db", str(db)])
-    assert result.exit_code == 0, result.output
-    assert (db / "database_tuning_record.json").stat().st_size > 0
-    m = lower.compile_model(path, "x86", tmp_path / "out", database=db)
-    assert m.verification["status"] == "passed"
-    assert m.compile["schedule_rules"].get("tuned:database", 0) >= 1
-    assert m.compile["tuning_database"] == str(db)
 
 
 def test_compile_refuses_a_missing_database(conv_bn: Path, tmp_path: Path) -> None:
