@@ -8,17 +8,22 @@ STAMP   := $(VENV)/.installed
 DEMO    := mobilenet_v2
 # Where bnfold caches what it builds for running artifacts (the aarch64 runner under qemu).
 export BNFOLD_CACHE := $(CURDIR)/.cache/bnfold
-# Cross toolchains and user-mode emulation for the arm64/armv7 targets (Debian packages).
-CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf
+# Cross toolchains and user-mode emulation for the arm64/armv7 targets (Debian packages), and
+# debootstrap, which builds the aarch64 userland the emulated RPC server runs in.
+CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf debootstrap
+# The aarch64 Debian root (Python 3.11 + the TVM runtime) that `bnfold serve --emulate arm64`
+# runs under qemu-user; exported so that the tests use it (and fail if it is unusable).
+export BNFOLD_ARM64_ROOT := $(BNFOLD_CACHE)/arm64-root
+RPC_PORT ?= 9091
 
-.PHONY: venv models demo test lint clean cross-tools bench bench-suite
+.PHONY: venv models demo test lint clean cross-tools arm64-root arm64-rpc-server bench bench-suite
 
 # The venv is rebuilt when the package metadata changes. torch is pinned to the CPU build that
 # this machine kind keeps on local disk (an unpinned torch would pull a multi-GB CUDA build).
 $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,models,tvm,tune]'
+	$(BIN)/pip install -q -e '.[test,models,tvm,tune,bench]'
 	touch $@
 
 venv: $(STAMP)
@@ -38,8 +43,21 @@ demo: models
 # Installs the cross compilers and qemu-user only when one is missing (needs root, as on CI).
 cross-tools:
 	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null \
-	  && command -v arm-linux-gnueabihf-g++ >/dev/null || { apt-get update -qq && \
+	  && command -v arm-linux-gnueabihf-g++ >/dev/null \
+	  && { command -v debootstrap >/dev/null || test -x /usr/sbin/debootstrap; } \
+	  || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CROSS_DEB); }
+
+# The aarch64 root for the emulated RPC server (debootstrap arm64 minbase + python3, and the
+# aarch64 TVM runtime wheels): ~30 s and ~220 MB once, then a no-op while the stamp in it matches
+# the installed TVM. Needs root, a Debian mirror and the package index; fails if it cannot build.
+arm64-root: $(STAMP) cross-tools
+	$(BIN)/python -m bnfold.emulate build --root $(BNFOLD_ARM64_ROOT)
+
+# An aarch64 TVM RPC server under qemu-user on 127.0.0.1:$(RPC_PORT), for
+# `bnfold deploy OUTDIR --rpc 127.0.0.1:$(RPC_PORT)` of an arm64 build (Ctrl-C stops it).
+arm64-rpc-server: arm64-root
+	$(BIN)/bnfold serve --emulate arm64 --port $(RPC_PORT)
 
 # x86 latency of the compiled models vs onnxruntime (ORT_ENABLE_ALL), 1 and 2 threads.
 bench: models
@@ -52,7 +70,7 @@ bench-suite: models
 lint: $(STAMP)
 	$(BIN)/ruff check bnfold passes targets tests benchmarks
 
-test: models lint cross-tools
+test: models lint cross-tools arm64-root
 	BNFOLD_MODELS=$(CACHE) $(BIN)/pytest -q
 
 clean:

@@ -3,10 +3,12 @@
 For each model (MobileNetV2, ResNet-18, PP-OCR det/rec/cls; batch 1, shapes of the real inputs)
 it compiles for ``x86``, runs ``bnfold.bench`` (four engines in separate processes, alternating
 blocks: onnxruntime ORT_ENABLE_ALL and optimizations off on the original, onnxruntime on the
-folded model, the compiled artifact), times bnfold's fold pass (median of ``--repeat``) and
-TVM Relax ``FoldBatchnormToConv2D`` + ``FoldConstant`` on the same frozen model (once: it takes
-seconds). Writes ``benchmarks/results/<model>.json``, ``suite.json``, ``README.md`` (a markdown
-table) and PNG plots.
+folded model, the compiled artifact), times bnfold's fold pass (median of ``--repeat``),
+onnxoptimizer's ``fuse_bn_into_conv`` (median of ``--repeat``; when ``bnfold[bench]`` is
+installed) and TVM Relax ``FoldBatchnormToConv2D`` + ``FoldConstant`` on the same frozen model
+(once: it takes seconds); see :mod:`benchmarks.fold_speed`. Writes
+``benchmarks/results/<model>.json``, ``suite.json``, ``README.md`` (a markdown table) and PNG
+plots.
 
     python -m benchmarks.run [--models mobilenet_v2,...] [--threads 1] [--rounds 8]
         [--no-tvm-fold] [--cache .cache/models] [--results benchmarks/results]
@@ -32,10 +34,15 @@ COLORS = {"ort": "#4C72B0", "ort_noopt": "#8C8C8C", "ort_folded": "#55A868", "co
 
 
 def fold_times(model_path: Path, shapes: dict[str, tuple[int, ...]], repeat: int,
-               tvm_fold: bool) -> dict[str, Any]:  # fmt: skip
-    """bnfold fold pass time (median of ``repeat``) and TVM Relax BN folding time (once)."""
+               tvm_fold: bool, feeds: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """bnfold fold time (median of ``repeat``), onnxoptimizer ``fuse_bn_into_conv`` time (median
+    of ``repeat``, when installed; its error vs the original on ``feeds``) and TVM Relax BN
+    folding time (once), with the BN each left."""
+    import importlib.util
+
     import bnfold
-    from bnfold import ir, lower
+    from benchmarks import fold_speed
+    from bnfold import ir
 
     ms = []
     report = None
@@ -44,18 +51,19 @@ def fold_times(model_path: Path, shapes: dict[str, tuple[int, ...]], repeat: int
         _, report = bnfold.fold(ir.load(model_path), check=False)
         ms.append((time.perf_counter() - t0) * 1e3)
     assert report is not None
+    c = report.counts()
     row: dict[str, Any] = {"bn": report.bn_before, "bnfold_ms": statistics.median(ms),
-                           "bnfold_pass_ms": report.pass_ms}  # fmt: skip
+                           "bnfold_pass_ms": report.pass_ms,
+                           "bnfold_folded": c["folded_backward"] + c["folded_forward"]}  # fmt: skip
+    if importlib.util.find_spec("onnxoptimizer") is not None:
+        o = fold_speed.measure_onnxoptimizer(model_path, repeat, feeds)
+        row.update(onnxopt_ms=o["ms"], onnxopt_bn_left=o["bn_left"],
+                   onnxopt_worst_ratio=o.get("worst_ratio"))  # fmt: skip
+    else:
+        logger.warning("onnxoptimizer not installed (pip install 'bnfold[bench]'): no column")
     if tvm_fold:
-        from tvm import relax
-
-        mod = lower.import_relax(lower.freeze(ir.load(model_path), shapes), shapes)
-        t0 = time.perf_counter()
-        mod = relax.transform.FoldBatchnormToConv2D()(mod)
-        mod = relax.transform.FoldConstant()(mod)
-        row["tvm_fold_ms"] = (time.perf_counter() - t0) * 1e3
-        text = mod.script(show_meta=False)
-        row["tvm_bn_left"] = text.count("R.nn.batch_norm")
+        t = fold_speed.measure_tvm(model_path, shapes)
+        row.update(tvm_fold_ms=t["ms"], tvm_bn_left=t["bn_left"])
     return row
 
 
@@ -74,7 +82,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result = bench.bench(outdir, threads=args.threads, rounds=args.rounds, block=args.block)
     result.pop("samples_ms")
     shapes = {s["name"]: tuple(s["shape"]) for s in manifest.inputs}
-    result["fold"] = fold_times(model_path, shapes, args.repeat, args.tvm_fold)
+    feeds = None
+    if inputs.is_file():
+        import numpy as np
+
+        with np.load(inputs, allow_pickle=False) as data:
+            feeds = {k: data[k] for k in data.files}
+    result["fold"] = fold_times(model_path, shapes, args.repeat, args.tvm_fold, feeds)
     result["verification"] = {k: manifest.verification.get(k) for k in
                               ("status", "worst_abs_over_max_ref", "inputs")}  # fmt: skip
     result["model"] = name
@@ -104,17 +118,23 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any]) -> str:
                    f"({v['worst_abs_over_max_ref']:.1e}) |")  # fmt: skip
     out += [
         "",
-        "Fold time: bnfold's fold (load + all passes, median) vs TVM Relax "
+        "Fold time: bnfold's fold (load + all passes, median) vs onnxoptimizer "
+        "`fuse_bn_into_conv` on the loaded model (median; Conv -> BN only) and TVM Relax "
         "`FoldBatchnormToConv2D` + `FoldConstant` on the imported model (once).",
         "",
-        "| model | BN | bnfold ms | TVM fold ms | TVM / bnfold | BN left after TVM fold |",
-        "|---|---|---|---|---|---|",
+        "| model | BN | bnfold ms | BN folded by bnfold | onnxoptimizer ms "
+        "| BN folded by onnxoptimizer | TVM fold ms | TVM / bnfold | BN folded by TVM |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r["fold"]
-        tvm = f.get("tvm_fold_ms")
-        out.append(f"| {r['model']} | {f['bn']} | {f['bnfold_ms']:.1f} | "
-                   + (f"{tvm:.0f} | {tvm / f['bnfold_ms']:.0f}x | {f['tvm_bn_left']} |"
+        tvm, opt = f.get("tvm_fold_ms"), f.get("onnxopt_ms")
+        mine = f"{f['bnfold_folded']} of {f['bn']}" if "bnfold_folded" in f else "-"
+        out.append(f"| {r['model']} | {f['bn']} | {f['bnfold_ms']:.1f} | {mine} | "
+                   + (f"{opt:.1f} | {f['bn'] - f['onnxopt_bn_left']} of {f['bn']} | "
+                      if opt is not None else "- | - | ")
+                   + (f"{tvm:.0f} | {tvm / f['bnfold_ms']:.0f}x | "
+                      f"{f['bn'] - f['tvm_bn_left']} of {f['bn']} |"
                       if tvm is not None else "- | - | - |"))  # fmt: skip
     out += ["", "Plots: `latency.png`, `fold_time.png`, `ratio.png`.", ""]
     return "\n".join(out)
@@ -152,16 +172,19 @@ def plots(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.bar(x - 0.2, [r["fold"]["bnfold_ms"] for r in rows], 0.4, label="bnfold fold",
-           color="#C44E52")  # fmt: skip
-    if all("tvm_fold_ms" in r["fold"] for r in rows):
-        ax.bar(x + 0.2, [r["fold"]["tvm_fold_ms"] for r in rows], 0.4,
-               label="TVM FoldBatchnormToConv2D + FoldConstant", color="#4C72B0")  # fmt: skip
+    series = [("bnfold_ms", "bnfold fold", "#C44E52"),
+              ("onnxopt_ms", "onnxoptimizer fuse_bn_into_conv", "#55A868"),
+              ("tvm_fold_ms", "TVM FoldBatchnormToConv2D + FoldConstant", "#4C72B0")]  # fmt: skip
+    series = [s for s in series if all(s[0] in r["fold"] for r in rows)]
+    bar = 0.8 / len(series)
+    for i, (key, label, color) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * bar, [r["fold"][key] for r in rows], bar,
+               label=label, color=color)  # fmt: skip
     ax.set_xticks(x, names)
     ax.set_yscale("log")
     ax.set_ylabel("ms (log scale)")
     ax.set_title("BN folding time")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3)
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     written.append(results / "fold_time.png")

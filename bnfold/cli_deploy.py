@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import click
 
 from bnfold.cli_types import tolerance_options
-from bnfold.errors import CheckFailed
+from bnfold.errors import BnfoldError, CheckFailed
 
 
 @click.command("deploy")
@@ -27,7 +28,8 @@ from bnfold.errors import CheckFailed
 @click.option(
     "--inputs",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="An .npz (one array per input, the compiled shapes); random inputs when absent.",
+    help="An .npz (one array per input, the compiled shapes or N x the compiled batch, run in N "
+    "slices); random inputs when absent.",
 )
 @click.option(
     "--repeat",
@@ -88,8 +90,8 @@ def deploy_cmd(
     ref = "the original model" if not result.reference_note else "model.folded.onnx"
     click.echo(
         f"deployed {outdir} ({result.target}) to {result.device} over RPC: upload "
-        f"{result.upload_s:.2f} s, load {result.load_s:.2f} s, first run "
-        f"{result.run_s:.2f} s"
+        f"{result.upload_s:.2f} s, load {result.load_s:.2f} s, "
+        f"{'first run' if result.samples == 1 else f'{result.samples} runs'} {result.run_s:.2f} s"
     )
     if result.reference_note:
         click.echo(f"note: {result.reference_note}")
@@ -125,8 +127,20 @@ def deploy_cmd(
 )
 @click.option("--tracker", metavar="HOST:PORT", help="Register with this TVM RPC tracker.")
 @click.option("--key", default="", help="Device key to register under (needed with --tracker).")
-def serve_cmd(host: str, port: int, port_end: int | None, tracker: str | None, key: str) -> None:
+@click.option(
+    "--emulate",
+    type=click.Choice(["arm64"]),
+    help="Serve from an aarch64 Python under qemu-user (the root `make arm64-root` builds; "
+    "$BNFOLD_ARM64_ROOT), to deploy arm64 artifacts without a board.",
+)
+def serve_cmd(
+    host: str, port: int, port_end: int | None, tracker: str | None, key: str, emulate: str | None
+) -> None:
     """Start a TVM RPC server for `bnfold deploy` (runs until interrupted).
+
+    With --emulate arm64 the server is an aarch64 Linux Python run by qemu-aarch64-static on
+    this machine: arm64 artifacts run there as real aarch64 code, so `bnfold deploy` checks
+    their outputs; its latencies are the emulator's, not an ARM CPU's.
 
     SECURITY: TVM RPC has no authentication and no encryption. Whoever reaches the port can
     upload and run arbitrary code as this user. It listens on 127.0.0.1 by default; bind
@@ -137,6 +151,9 @@ def serve_cmd(host: str, port: int, port_end: int | None, tracker: str | None, k
     from bnfold import deploy
 
     logging.getLogger("bnfold").setLevel(logging.INFO)
+    if emulate:
+        _serve_emulated(host, port, port_end, tracker, key)
+        return
     state = deploy.serve(host, port, port_end, tracker=tracker, key=key)
     where = f", registered with {tracker} as '{key}'" if tracker else ""
     click.echo(f"TVM RPC server listening on {host}:{state.port}{where} (Ctrl-C stops it)")
@@ -150,6 +167,30 @@ def serve_cmd(host: str, port: int, port_end: int | None, tracker: str | None, k
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + int(getattr(e, "signum", signal.SIGINT)))
+
+
+def _serve_emulated(
+    host: str, port: int, port_end: int | None, tracker: str | None, key: str
+) -> None:
+    """``serve --emulate arm64``: run the server in the emulated Python until it exits or this
+    process is interrupted (then stop it and exit 128 + signal)."""
+    from bnfold import emulate
+
+    proc, bound = emulate.start_server(host, port, port_end, tracker=tracker, key=key)
+    where = f", registered with {tracker} as '{key}'" if tracker else ""
+    click.echo(f"aarch64 TVM RPC server (qemu-user, emulated) listening on {host}:{bound}{where} "
+               "(Ctrl-C stops it)")  # fmt: skip
+    try:
+        code = proc.wait()
+    except BaseException as e:  # SIGINT/SIGTERM (bnfold.cli's Interrupted) or KeyboardInterrupt
+        click.echo("stopping the RPC server", err=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise e
+    raise BnfoldError(f"the emulated RPC server exited with {code}")
 
 
 @click.command("bench")

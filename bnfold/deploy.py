@@ -67,8 +67,9 @@ class DeployResult:
     latency_ms: dict[str, float]
     upload_s: float
     load_s: float
-    run_s: float
+    run_s: float  # the check run(s): every input slice once
     metrics: dict[str, Any]
+    samples: int = 1  # input slices of the compiled shapes that were run and checked
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -130,7 +131,10 @@ def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, st
 
 def _feeds(
     manifest: Mapping[str, Any], inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None
-) -> tuple[dict[str, np.ndarray], str]:
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The inputs as slices of the compiled shapes (an ``.npz`` may stack N x the compiled batch
+    along axis 0, as ``bnfold compile --inputs`` accepts: then N slices), and where they came
+    from."""
     specs = manifest["inputs"]
     if inputs is None:
         rng = np.random.default_rng(0)
@@ -141,7 +145,7 @@ def _feeds(
                 feeds[s["name"]] = rng.standard_normal(s["shape"]).astype(dtype)
             else:
                 feeds[s["name"]] = rng.integers(0, 4, s["shape"]).astype(dtype)
-        return feeds, "random (seed 0)"
+        return [feeds], "random (seed 0)"
     if isinstance(inputs, Mapping):
         feeds, how = dict(inputs), "given"
     else:
@@ -154,14 +158,33 @@ def _feeds(
         except Exception as e:
             raise BnfoldError(f"{path}: cannot read inputs ({str(e).splitlines()[0]})") from None
         how = str(path)
+    stacks = set()
     for s in specs:
         a = feeds.get(s["name"])
         if a is None:
             raise BnfoldError(f"inputs have no array '{s['name']}' (have {sorted(feeds)})")
-        if list(a.shape) != list(s["shape"]) or a.dtype != np.dtype(s["dtype"]):
+        want = list(s["shape"])
+        # N x the compiled batch along axis 0 (same N for every input) runs in N slices.
+        stacked = list(a.shape) == want or (
+            a.ndim == len(want) > 0 and want[0] > 0 and list(a.shape[1:]) == want[1:]
+            and a.shape[0] % want[0] == 0 and a.shape[0] > 0)  # fmt: skip
+        if not stacked or a.dtype != np.dtype(s["dtype"]):
             raise BnfoldError(f"input '{s['name']}' is {a.dtype}{list(a.shape)}, the artifact "
-                              f"was compiled for {s['dtype']}{list(s['shape'])}")  # fmt: skip
-    return {s["name"]: np.ascontiguousarray(feeds[s["name"]]) for s in specs}, how
+                              f"was compiled for {s['dtype']}{want}")  # fmt: skip
+        stacks.add(a.shape[0] // want[0] if want and want[0] > 0 else 1)
+    if len(stacks) != 1:
+        raise BnfoldError(f"the inputs stack different numbers of samples ({sorted(stacks)})")
+    (n,) = stacks
+    if n == 1:
+        return [{s["name"]: np.ascontiguousarray(feeds[s["name"]]) for s in specs}], how
+    slices = []
+    for i in range(n):
+        part = {}
+        for s in specs:
+            b = s["shape"][0]
+            part[s["name"]] = np.ascontiguousarray(feeds[s["name"]][i * b : (i + 1) * b])
+        slices.append(part)
+    return slices, how
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -204,7 +227,8 @@ def deploy(
         rpc: ``HOST:PORT`` of a TVM RPC server (ignored when ``tracker`` is given).
         key: The device key (tracker), or the server's key for a direct connection.
         tracker: ``HOST:PORT`` of a TVM RPC tracker.
-        inputs: ``.npz`` path or dict of arrays (the compiled shapes); random when None.
+        inputs: ``.npz`` path or dict of arrays (the compiled shapes, or N x the compiled batch
+            stacked along axis 0: run and checked in N slices); random when None.
         atol: Absolute tolerance of the gate (:func:`bnfold.check.compare_outputs`).
         rtol: Tolerance relative to max|reference|.
         warmup: Untimed runs before timing.
@@ -229,7 +253,7 @@ def deploy(
     library = out / files["library"]
     if not library.is_file():
         raise BnfoldError(f"{library}: missing")
-    feeds, how = _feeds(manifest, inputs)
+    slices, how = _feeds(manifest, inputs)
     ref_path, note = reference_model(out, manifest)
     if note:
         logger.warning("%s", note)
@@ -244,9 +268,12 @@ def deploy(
         lib = remote.load_module(remote_name)
         vm = tvm.relax.VirtualMachine(lib, dev)
         t2 = time.perf_counter()
-        args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
-        got_list = [t.numpy() for t in _flatten(vm["main"](*args))]
+        runs = []
+        for feeds in slices:
+            args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
+            runs.append([t.numpy() for t in _flatten(vm["main"](*args))])
         t3 = time.perf_counter()
+        args = [tvm.runtime.tensor(slices[0][s["name"]], dev) for s in manifest["inputs"]]
     except BnfoldError:
         raise
     except Exception as e:
@@ -254,11 +281,15 @@ def deploy(
         raise BnfoldError(f"running {library.name} on the RPC device failed: "
                           f"{msg[-1] if msg else repr(e)}") from None  # fmt: skip
     names = [o["name"] for o in manifest["outputs"]]
-    if len(got_list) != len(names):
-        raise BnfoldError(f"the device returned {len(got_list)} outputs, expected {len(names)}")
-    got = dict(zip(names, got_list, strict=True))
-    ref = check.run_onnxruntime(ref_path, feeds)
+    if len(runs[0]) != len(names):
+        raise BnfoldError(f"the device returned {len(runs[0])} outputs, expected {len(names)}")
+    got = {n: np.concatenate([r[i] for r in runs], axis=0) if len(runs) > 1 else runs[0][i]
+           for i, n in enumerate(names)}  # fmt: skip
+    refs = [check.run_onnxruntime(ref_path, feeds) for feeds in slices]
+    ref = {k: np.concatenate([r[k] for r in refs], axis=0) if len(refs) > 1 else refs[0][k]
+           for k in refs[0]}  # fmt: skip
     result = check.compare_outputs(ref, got, atol, rtol)
+    result.samples = len(slices)
 
     for _ in range(max(warmup - 1, 0)):  # the time_evaluator does one more untimed run
         vm["main"](*args)
@@ -274,7 +305,8 @@ def deploy(
                 "PASS" if result.passed else "FAIL", latency["p50"])  # fmt: skip
     return DeployResult(
         target=manifest["target"]["spec"],
-        device=str(dev),
+        # str(dev) of a remote device is garbled in TVM 0.27 ("remote[0.0078125]:cpu").
+        device=f"cpu(0) at {f'tracker {tracker}, key {key!r}' if tracker else rpc}",
         reference=str(ref_path),
         reference_note=note,
         inputs=how,
@@ -286,6 +318,7 @@ def deploy(
         load_s=round(t2 - t1, 3),
         run_s=round(t3 - t2, 3),
         metrics=result.to_dict(),
+        samples=len(slices),
     )
 
 

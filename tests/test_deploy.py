@@ -2,12 +2,15 @@
 
 Servers run as subprocesses (``bnfold.deploy.serve`` in a plain ``python -c``), the tracker as
 ``python -m tvm.exec.rpc_tracker``; each on a free port. The model is a small conv+BN built
-with onnx.parser and compiled for x86.
+with onnx.parser and compiled for x86; and for arm64, deployed to an aarch64 server run under
+qemu-user (``bnfold serve --emulate arm64``, in the root ``make arm64-root`` builds).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,9 +27,17 @@ from click.testing import CliRunner
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from bnfold import deploy, lower  # noqa: E402
+from bnfold import deploy, emulate, lower  # noqa: E402
 from bnfold.cli_deploy import deploy_cmd, serve_cmd  # noqa: E402
 from bnfold.errors import BnfoldError, CheckFailed  # noqa: E402
+from bnfold.targets import get  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Runs the bnfold CLI (with every command registered) in a subprocess.
+CLI_CODE = (
+    "import sys; from bnfold.cli import cli, main; from bnfold.cli_deploy import COMMANDS; "
+    "[cli.add_command(c) for c in COMMANDS]; main(sys.argv[1:])"
+)
 
 CONV_BN = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -139,6 +150,16 @@ def test_deploy_given_inputs_and_missing_original(build: Path, server: int, tmp_
     assert "not available" in r.reference_note and r.inputs.endswith("x.npz")
 
 
+def test_deploy_runs_stacked_inputs_in_slices(build: Path, server: int) -> None:
+    # The .npz that `bnfold compile --inputs` takes (N samples along the batch axis) runs on a
+    # batch-1 artifact one slice at a time; every slice is checked, the first one is timed.
+    x = np.random.default_rng(2).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    r = deploy.deploy(build, f"127.0.0.1:{server}", inputs={"x": x}, repeat=2)
+    assert r.passed and r.samples == 3 and "3 sample(s)" in r.table
+    with pytest.raises(BnfoldError, match=r"compiled for float32\[1, 3, 8, 8\]"):
+        deploy.deploy(build, f"127.0.0.1:{server}", inputs={"x": x[:, :, :4]})
+
+
 def test_deploy_gate_fails_with_exit_1(build: Path, server: int, tmp_path: Path) -> None:
     # The original is gone and model.folded.onnx is another model (other weights): FAIL.
     manifest = json.loads((build / lower.MANIFEST).read_text())
@@ -216,12 +237,8 @@ def test_serve_warns_off_loopback(
 
 def test_serve_command_serves_and_stops_on_sigterm(build: Path) -> None:
     port = free_port()
-    code = (
-        "import sys; from bnfold.cli import cli, main; from bnfold.cli_deploy import COMMANDS; "
-        "[cli.add_command(c) for c in COMMANDS]; main(sys.argv[1:])"
-    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--port", str(port)],
+        [sys.executable, "-c", CLI_CODE, "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -236,3 +253,88 @@ def test_serve_command_serves_and_stops_on_sigterm(build: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _arm64_root() -> Path:
+    """The arm64 root for the emulated server: ``$BNFOLD_ARM64_ROOT`` (``make test`` sets it;
+    then it must be usable), else where ``make arm64-root`` puts it, else bnfold's default."""
+    explicit = os.environ.get(emulate.ROOT_ENV)
+    roots = [Path(explicit)] if explicit else [REPO / ".cache/bnfold/arm64-root",
+                                               emulate.default_root()]  # fmt: skip
+    why = ""
+    for root in roots:
+        why = emulate.why_not_ready(root)
+        if not why:
+            return root
+    if explicit:
+        pytest.fail(f"{emulate.ROOT_ENV} is set but unusable: {why}")
+    pytest.skip(why)
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.qemu
+def test_deploy_arm64_to_emulated_aarch64_server(
+    build: Path, server: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _arm64_root()
+    target = get("arm64")
+    if not target.can_build():
+        pytest.skip(target.can_build().why)
+    model = tmp_path / "convbn.onnx"
+    onnx.save(_model(np.random.default_rng(3)), model)
+    out = tmp_path / "arm64"
+    lower.compile_model(model, target, out, {"x": (1, 3, 8, 8)}, verify=False)
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, emulate.ROOT_ENV: str(root)}
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLI_CODE, "serve", "--emulate", "arm64", "--port", str(port)],
+            stdout=subprocess.PIPE, stderr=err, env=env, text=True,
+        )  # fmt: skip
+    try:
+        _wait_port(port, proc, timeout=120)  # importing TVM under qemu: ~5 s
+        js = tmp_path / "deploy.json"
+        res = CliRunner().invoke(deploy_cmd, [str(out), "--rpc", f"127.0.0.1:{port}", "--json",
+                                              str(js), "--repeat", "5"])  # fmt: skip
+        assert res.exit_code == 0, res.output + log.read_text()[-2000:]
+        assert "PASS" in res.output and "p50" in res.output
+        data = json.loads(js.read_text())
+        assert data["passed"] and data["target"] == "arm64" and data["worst_ratio"] < 1e-5
+        assert data["reference"].endswith("convbn.onnx")
+        lat = data["latency_ms"]
+        assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] and lat["samples"] == 5
+        text = log.read_text()
+        assert "load_module" in text, text  # the emulated server loaded the library
+        qemu = re.search(r"pid (\d+)", text)
+        assert qemu, text
+        proc.terminate()
+        assert proc.wait(timeout=20) == 143
+        assert "emulated) listening on" in (proc.stdout.read() if proc.stdout else "")
+        end = time.monotonic() + 10  # the qemu child is stopped with its parent
+        while not _pid_gone(int(qemu.group(1))) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert _pid_gone(int(qemu.group(1)))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        left = re.search(r"pid (\d+)", log.read_text())
+        if left and not _pid_gone(int(left.group(1))):  # its parent was killed, not stopped
+            os.kill(int(left.group(1)), 9)
+    # The x86 server cannot load the aarch64 library: a one-line error, and it keeps serving.
+    with pytest.raises(BnfoldError, match="on the RPC device failed"):
+        deploy.deploy(out, f"127.0.0.1:{server}", repeat=1)
+    assert deploy.deploy(build, f"127.0.0.1:{server}", repeat=1).passed
+    # No root: one line naming what to run.
+    monkeypatch.setenv(emulate.ROOT_ENV, str(tmp_path / "none"))
+    with pytest.raises(BnfoldError, match="make arm64-root"):
+        emulate.start_server(port=free_port())
