@@ -45,7 +45,9 @@ WARMUP = 3
 
 def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
     """A timing server: load, warm up, print ``ready``, then answer ``run N`` lines with a JSON
-    list of N latencies in ms, until EOF or ``quit``."""
+    list of N latencies in ms, until EOF or ``quit``. ``compiled*`` engines run the artifact in
+    ``outdir``; the others run ``model_path`` in onnxruntime (``ort_noopt``: optimizations off,
+    any other name: ORT_ENABLE_ALL)."""
     from bnfold import runtime
 
     manifest = runtime.read_manifest(outdir)
@@ -53,7 +55,7 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
     feeds = {
         s["name"]: rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in manifest["inputs"]
     }
-    if engine == "compiled":
+    if engine.startswith("compiled"):
         compiled = runtime.load(outdir, threads=threads)
 
         def fn() -> None:

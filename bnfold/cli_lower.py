@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from bnfold.cli_quant import quant_options
 from bnfold.cli_types import ShapeType, tolerance_options
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.targets import TARGETS
@@ -101,8 +102,20 @@ class TargetType(click.ParamType):
     "database",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Reuse the tuned schedules of a `bnfold tune --db DIR` folder (CPU targets).",
+    help="Use the tuned schedules that `bnfold tune --db DIR` chose (those measured faster "
+    "than bnfold's own; the other functions keep bnfold's rules). CPU targets; the choice was "
+    "measured with tune's --threads: compile with the same.",
 )
+@click.option("--int8", "int8", is_flag=True,
+              help="Quantize to int8 first (needs --calib; the options of `bnfold quantize`), "
+                   "then compile the QDQ model with integer conv/matmul kernels.")
+@click.option("--integer/--no-integer", default=True, show_default=True,
+              help="QDQ models on CPU targets: integer arithmetic for the quantized conv/matmul "
+                   "groups (--no-integer: TVM's float fake-quantization).")
+@click.option("--max-lsb", type=click.IntRange(min=0), default=1, show_default=True,
+              help="QDQ models: the verification gate, every quantized tensor within this many "
+                   "quantization steps of onnxruntime's, layer by layer.")
+@quant_options
 @tolerance_options(atol=0.0, rtol=1e-4, what="the verification gate")
 def compile_cmd(
     model: Path,
@@ -115,8 +128,12 @@ def compile_cmd(
     no_schedule: bool,
     threads: int | None,
     database: Path | None,
+    int8: bool,
+    integer: bool,
+    max_lsb: int,
     atol: float,
     rtol: float,
+    **quant: Any,
 ) -> None:
     """Fold MODEL, compile it with TVM for a target and write a deployable folder.
 
@@ -124,16 +141,32 @@ def compile_cmd(
     manifest.json. By default the artifact is then run (natively, or for arm64 under qemu) and
     compared with the ORIGINAL model in onnxruntime; exit code 1 if it fails the gate
     max abs error <= ATOL + RTOL x max|reference|.
+
+    With --int8 MODEL is first quantized (like `bnfold quantize`: OUTDIR also gets
+    model.int8.onnx, quant_report.json and sqnr.png), and the QDQ model is compiled with
+    integer kernels. A QDQ model (from --int8 or given) is verified layer by layer: each
+    quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
     from bnfold import lower
 
     if outdir.exists() and not outdir.is_dir():
         raise BnfoldError(f"{outdir}: exists and is not a folder")
+    if not int8 and quant["calib_path"] is not None:
+        raise click.UsageError("--calib is for --int8 (quantize, then compile)")
+    source = model
+    if int8:
+        from bnfold.cli_quant import INT8_MODEL, run_quantize
+
+        if not model.is_file():
+            raise BnfoldError(f"{model}: no such model file")
+        run_quantize(model, outdir, **quant)
+        source = outdir / INT8_MODEL
     try:
-        manifest = lower.compile_model(model, target, outdir, dict(shapes), verify, inputs=inputs,
-                                       atol=atol, rtol=rtol, random=n_random,
+        manifest = lower.compile_model(source, target, outdir, dict(shapes), verify,
+                                       inputs=inputs, atol=atol, rtol=rtol, random=n_random,
                                        schedule=not no_schedule, threads=threads,
-                                       database=database)  # fmt: skip
+                                       database=database, fold=not int8, integer=integer,
+                                       max_lsb=max_lsb)  # fmt: skip
     except CheckFailed:
         _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
         raise
@@ -147,6 +180,12 @@ def compile_cmd(
         click.echo(f"  {role:<8} {outdir / name}")
     click.echo(f"  folded   {outdir / lower.FOLDED}")
     click.echo(f"  manifest {outdir / lower.MANIFEST}")
+    q = c.get("int8")
+    if q and q.get("integer"):
+        click.echo(f"  int8     {q['integer_groups']} of {q['quantize_groups']} quantized groups "
+                   f"in integer arithmetic ({q['kernel_groups']} with bnfold's int8 kernels)")
+    elif q:
+        click.echo(f"  int8     float fake-quantization: {q['why']}")
     _echo_verification(manifest.verification)
 
 
@@ -155,6 +194,16 @@ def _echo_verification(v: dict[str, Any]) -> None:
         click.echo(f"not verified: {v.get('why', '?')}")
         return
     how = f" ({v['how']})" if v.get("how") else ""
+    if "max_lsb" in v:
+        click.echo(f"int8 verification against the QDQ model in onnxruntime{how}, inputs "
+                   f"{v.get('inputs')}:")  # fmt: skip
+        click.echo(f"  layer by layer: {v['tensors']} quantized tensors, max difference "
+                   f"{v['max_lsb']} LSB ({v['worst']}), {v['tensors_off_by_one']} off by 1 "
+                   f"somewhere; worst fraction of elements off {v['max_off_fraction']:.2%}")
+        click.echo("  end to end (not gated: rounding differences compound through layers):")
+        click.echo(v["end_to_end"]["table"])
+        click.echo(f"{'PASS' if v['status'] == 'passed' else 'FAIL'}: {v['gate']}")
+        return
     click.echo(f"verification against the unfolded model in onnxruntime{how}, inputs "
                f"{v.get('inputs')}:")  # fmt: skip
     click.echo(v.get("table", ""))
@@ -258,10 +307,16 @@ def targets_cmd(as_json: bool) -> None:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--target", "target", type=TargetType(), default="x86", show_default=True,
               help="A CPU target this machine can run (tuning measures here).")  # fmt: skip
-@click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Measured trials in all (about 6 s each on 2 cores).")  # fmt: skip
+@click.option("--trials", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Measured trials in all (about 1.5 s each on 2 cores); 0: no search, only "
+                   "choose among the records already in --db.")  # fmt: skip
 @click.option("--trials-per-task", type=click.IntRange(min=1), default=None,
-              help="Trials per fused function (default: --trials spread over them).")  # fmt: skip
+              help="Trials per tuned function (default 32, or --trials if fewer); "
+                   "--trials / this many functions are tuned, those with the most time to "
+                   "gain first.")  # fmt: skip
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads to measure with (default: this machine's cores, as compile's "
+                   "default); compile with the same --threads.")  # fmt: skip
 @click.option("--db", "database", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="MetaSchedule database folder (created/extended).")  # fmt: skip
 @click.option("--shape", "shapes", type=ShapeType(), multiple=True,
@@ -271,24 +326,33 @@ def tune_cmd(
     target: str,
     trials: int,
     trials_per_task: int | None,
+    threads: int | None,
     database: Path,
     shapes: tuple[tuple[str, tuple[int, ...]], ...],
 ) -> None:
-    """Tune MODEL's fused functions with MetaSchedule into a database for `compile --db`.
+    """Tune MODEL's slowest fused functions with MetaSchedule into a database for `compile --db`.
 
-    Needs psutil, cloudpickle and xgboost-cpu. Functions the database has no record for keep
-    bnfold's tuning-free schedules at compile time.
+    First times bnfold's own schedule of every fused function, then spends the trials on the
+    functions with the most time to gain, then times the best records against bnfold's
+    schedules the same way: a record is chosen only where it is faster (where bnfold's rules
+    decline a function, its record is always taken). The choice goes to DB/bnfold_choice.json;
+    `compile --db` applies only the chosen records. Needs psutil, cloudpickle and xgboost-cpu.
     """
     from bnfold import tune
 
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")
     summary = tune.tune_model(model, target, database, trials, shapes=dict(shapes),
-                              trials_per_task=trials_per_task)  # fmt: skip
-    click.echo(f"tuned {summary['tasks']} functions of {model} for {summary['target']}: "
-               f"{summary['trials']} trials ({summary['trials_per_task']} per function) in "
-               f"{summary['seconds']:.0f} s -> {summary['database']}")  # fmt: skip
-    click.echo(f"  use it: bnfold compile {model} -t {target} --db {database} -o OUTDIR")
+                              trials_per_task=trials_per_task, threads=threads)  # fmt: skip
+    threads_note = f"{summary['threads']} thread{'s' if summary['threads'] != 1 else ''}"
+    click.echo(f"tuned {summary['tuned']} of {summary['tasks']} functions of {model} for "
+               f"{summary['target']}: {summary['trials']} trials ({summary['trials_per_task']} "
+               f"per function), timed with {threads_note}, in {summary['seconds']:.0f} s -> "
+               f"{summary['database']}")  # fmt: skip
+    click.echo(tune.table(summary["functions"]))
+    click.echo(f"  choice   {summary['choice_file']}")
+    click.echo(f"  use it: bnfold compile {model} -t {target} --db {database} "
+               f"--threads {summary['threads']} -o OUTDIR")  # fmt: skip
 
 
 COMMANDS = (compile_cmd, run_cmd, targets_cmd, tune_cmd)

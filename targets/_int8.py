@@ -1,0 +1,1396 @@
+"""int8 x int8 -> int32 conv kernels with a fixed-point requantize epilogue, as TVM PrimFuncs.
+
+The math (bit-exact; :func:`reference_conv2d_int8` is the numpy statement of it)::
+
+    xpad = x padded with x_zero_point (the real 0)
+    acc[n,o,y,x] = bias[o] + sum_{c in group(o), ky, kx} xpad[n, c, y*sh + ky*dh, x*sw + kx*dw]
+                                                        * weight[o, c - c0(o), ky, kx]   (int32)
+    v = (int64(acc) * multiplier[o] + 2**(shift[o] - 1)) >> shift[o]        (arithmetic shift)
+    out = clip(v + out_zero_point, qmin, qmax)                              (uint8 / int8)
+
+The instruction (x86 AVX2): ``vpmaddwd`` (``llvm.x86.avx2.pmadd.wd``) multiplies 16 x int16 by
+16 x int16 and sums adjacent pairs into 8 x int32. Every operand is a widened 8-bit value, so
+each product fits in 16 x 16 -> 32 bits and the pair sum (< 2 * 255 * 127 + 1) is exact; the
+int32 accumulation is an ordinary ``vpaddd`` (exact as long as the true accumulator fits int32,
+which the contract guarantees). ``vpmaddubsw`` (u8 x s8 -> int16) would be twice as dense but
+saturates (255 * 127 * 2 > 32767), so it is not used. One ``vpmaddwd`` + ``vpaddd`` does 16
+multiply-adds where an fp32 FMA does 8.
+
+Layout (dense conv, ``groups == 1``): the reduction runs over *pairs* of input channels. Every
+pair ``(x[2p], x[2p+1])`` of one pixel is one 32-bit word (two int16 halves, low = even channel):
+
+* activation, repacked at run time by the first stage of the PrimFunc (padding included, the
+  zero point as border value, stride phases split so that every load is contiguous)::
+
+      xw[n, p, row, phase, q]   int32 word,   input column = q * sw + phase - pad_left
+
+* weight, packed at compile time: ``wq[ob, p, ky, kx, j]`` = the word of
+  ``(weight[ob*OBN + j, 2p], weight[ob*OBN + j, 2p+1])`` (zero rows/halves beyond O and C).
+
+The vector lanes run along the output *row* (8 consecutive output columns, so results are stored
+straight into NCHW). A register tile is ``OBN`` output channels x ``YT`` rows x ``XV`` vectors of
+8 columns: ``OBN * YT * XV`` int32x8 accumulators. For each (pair, ky, kx) the tile loads
+``YT * XV`` activation vectors (16 x int16: 8 columns x 2 channels) and broadcasts ``OBN`` weight
+words (``vpbroadcastd``: the same channel pair for every column), so that ``vpmaddwd(a, b)``
+lane ``i`` is ``x[2p, col_i] * w[o, 2p] + x[2p+1, col_i] * w[o, 2p+1]``. A 1x1 stride-1 unpadded
+conv is computed as one long row of ``H * W`` pixels.
+
+Depthwise (``groups == C == O``): the pairs run along the kernel row instead: taps ``kx`` and
+``kx + 1`` of one kernel row are one ``vpmaddwd`` (an odd last tap is paired with a zero
+weight), so a 3x3 conv is 6 ``vpmaddwd`` per 8 outputs. With dilation 1 the first stage only
+writes the padded image as bytes and the tiles build their operands from it: stride 2, the pairs
+``(xpad[2x + kx], xpad[2x + kx + 1])`` of 8 columns are 16 adjacent bytes (one widening load,
+``vpmovzxbw``); stride 1, 9 bytes duplicated into pairs by one ``vpshufb``, then widened. A tile
+is one channel x ``YT`` rows x 1 vector (rows share operands: row y+1's tap ky is row y's tap
+ky+1). Dilated depthwise convs use repacked pair words like the dense conv.
+
+The epilogue runs on the accumulators of a tile, before anything is stored: clamp the
+accumulator to the range outside which the output is saturated anyway (computed exactly per
+channel at compile time; requantization is monotone, so the clamp changes no output, and it
+keeps every later value inside int32), multiply to int64 (``vpmuldq`` on the even and odd lanes
+in place), add the rounding term, then the shift as a logical 64-bit shift by
+``min(shift, 32)`` (whose low 32 bits equal the arithmetic shift's) and an arithmetic 32-bit
+shift by the rest, add the zero point, clip, narrow, store (tails of a row lane by lane).
+
+Tiles run in parallel in up to 64 chunks, not one task per tile: TVM gives every ``local``
+buffer inside a parallel loop a workspace allocation per iteration (measured: 3x slower on
+the 112x112 layers with one task per tile).
+
+aarch64 (baseline NEON, no dot product): dense convs with ``smull`` + ``smlal`` + ``sadalp``
+(see :func:`_dense_neon`; uint8 activations are shifted to int8, the bias absorbs it, so that
+two products sum exactly in int16, which needs ``|w| <= 127``); depthwise convs with one
+``smlal`` per tap on int16 (:func:`_depthwise_neon`). Built and checked under qemu only: their
+speed on real ARM cores is not measured.
+
+Unsupported (returns None, the caller falls back to generic Relax ops): grouped convs other than
+depthwise, a depthwise conv with a channel multiplier; x86 without AVX2, other targets; on
+aarch64, dense convs whose weight holds -128.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+LANES = 8  # int32 lanes of a ymm register
+_PMADDWD = "llvm.x86.avx2.pmadd.wd"
+_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+EP_COLS = 6  # per-channel epilogue constants, see _epilogue_consts
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+
+
+def reference_conv2d_int8(
+    x: np.ndarray,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+) -> np.ndarray:
+    """The exact int8 conv + requantize of the module docstring, in numpy (int64 throughout)."""
+    n, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    sh, sw = strides
+    dh, dw = dilation
+    pt, pl, pb, pr = padding
+    xp = np.full((n, c, h + pt + pb, w + pl + pr), x_zero_point, dtype=np.int64)
+    xp[:, :, pt : pt + h, pl : pl + w] = x
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    og = o // groups
+    acc = np.zeros((n, o, oh, ow), dtype=np.int64)
+    w64 = weight.astype(np.int64)
+    for g in range(groups):
+        xs = xp[:, g * cg : (g + 1) * cg]
+        wg = w64[g * og : (g + 1) * og]
+        for ky in range(kh):
+            for kx in range(kw):
+                win = xs[:, :, ky * dh : ky * dh + (oh - 1) * sh + 1 : sh,
+                         kx * dw : kx * dw + (ow - 1) * sw + 1 : sw]  # fmt: skip
+                acc[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", win, wg[:, :, ky, kx])
+    acc += bias.astype(np.int64)[None, :, None, None]
+    assert np.all((acc >= INT32_MIN) & (acc <= INT32_MAX)), "int32 accumulator overflow"
+    m = multiplier.astype(np.int64)[None, :, None, None]
+    s = shift.astype(np.int64)[None, :, None, None]
+    # int64 is exact here: |acc * m| < 2**62 and the rounding term is < 2**62.
+    v = (acc * m + (np.int64(1) << (s - 1))) >> s
+    return np.clip(v + out_zero_point, clamp[0], clamp[1]).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Compile-time arithmetic
+
+
+def _requant(acc: int, m: int, s: int, zp: int) -> int:
+    return ((acc * m + (1 << (s - 1))) >> s) + zp
+
+
+def acc_bounds(m: int, s: int, zp: int, qmin: int, qmax: int) -> tuple[int, int]:
+    """``(lo, hi)``: the int32 range outside which the output is saturated at qmin / qmax.
+
+    Requantization is nondecreasing in the accumulator (``m > 0``), so clamping the accumulator
+    to ``[lo, hi]`` changes no output: ``lo`` is the largest accumulator that still gives
+    ``<= qmin`` (or INT32_MIN), ``hi`` the smallest that gives ``>= qmax`` (or INT32_MAX)."""
+
+    def first(pred: Any) -> int:  # smallest a in int32 with pred(a) true (pred monotone), or None
+        lo, hi = INT32_MIN, INT32_MAX
+        if not pred(hi):
+            return INT32_MAX + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if pred(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    hi = min(first(lambda a: _requant(a, m, s, zp) >= qmax), INT32_MAX)
+    above = first(lambda a: _requant(a, m, s, zp) > qmin)  # first a giving > qmin
+    lo = max(above - 1, INT32_MIN)
+    return lo, hi
+
+
+def _words(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """int32 words of int16 pairs: low half ``lo``, high half ``hi`` (both int8-ranged)."""
+    lo16 = lo.astype(np.int16).view(np.uint16).astype(np.uint32)
+    hi16 = hi.astype(np.int16).view(np.uint16).astype(np.uint32)
+    return (lo16 | (hi16 << np.uint32(16))).view(np.int32)
+
+
+def _epilogue_consts(
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    clamp: tuple[int, int],
+    rows: int,
+) -> np.ndarray:
+    """Per output channel (padded to ``rows``), int32 ``[bias, lo, hi, multiplier, shift1,
+    shift2]`` (``shift1 + shift2 = shift``, see the module docstring). int32 only: the caller
+    wraps the arrays with ``relax.const``, which silently narrows int64 arrays to int32."""
+    ep = np.zeros((rows, EP_COLS), dtype=np.int32)
+    ep[:, 3] = 1 << 30
+    ep[:, 4] = 1
+    for o in range(len(bias)):
+        m, s = int(multiplier[o]), int(shift[o])
+        lo, hi = acc_bounds(m, s, out_zero_point, *clamp)
+        ep[o] = (int(bias[o]), lo, hi, m, min(s, 32), s - min(s, 32))
+    return ep
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The conv seen by the kernel: a 1x1 stride-1 unpadded conv is one row of H*W pixels."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    o: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pt: int
+    pl: int
+    oh: int
+    ow: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """Register tile: ``obn`` output channels x ``yt`` rows x ``xv`` vectors of 8 columns."""
+
+    obn: int
+    yt: int
+    xv: int
+
+
+def choose_tile(o: int, oh: int, ow: int, kw: int = 1) -> Tile:
+    """The register tile with the least padded work per useful multiply-add.
+
+    ymm budget: ``obn*yt*xv`` accumulators + the activation vectors or weight broadcasts of one
+    step (the smaller set stays live) + 2 temporaries <= 16. Efficiency grows with the number of
+    accumulators (each load and loop step is shared by more ``vpmaddwd``). With a kernel row
+    unrolled (``kw > 1``) LLVM keeps operands across taps and spills above 8 accumulators
+    (measured: 3x3 64ch 56x56 1.6 ms with 8, 2.0 ms with 12), and 4 channels x 2 positions
+    beat 8 channels x 1 (3x3 512ch 7x7: 2.0 vs 2.6 ms)."""
+    best: tuple[float, Tile] | None = None
+    vecs = -(-ow // LANES)
+    limit = 12 if kw == 1 else 8
+    for obn in (1, 2, 3, 4, 6, 8, 12) if kw == 1 else (1, 2, 3, 4):
+        # Rows before columns on ties (measured: 4 x 2 rows beats 4 x 2 vectors, 3x3 convs).
+        for yt in range(min(oh, 4), 0, -1):
+            for xv in range(1, min(vecs, 4) + 1):
+                acc = obn * yt * xv
+                if acc > limit or acc + min(obn, yt * xv) + 2 > 16:
+                    continue
+                # The last row tile overlaps the one before it when yt does not divide oh.
+                work = (-(-o // obn) * obn) * (-(-oh // yt) * yt) * (-(-vecs // xv) * xv)
+                # Per step: acc x (vpmaddwd + vpaddd) + yt*xv loads + obn broadcasts; the
+                # activation loads weigh double (measured: 4 channels x 2 rows beat 2 x 2 x 2).
+                cost = work * (2 * acc + 2 * yt * xv + obn + 1) / acc
+                if best is None or cost < best[0]:
+                    best = (cost, Tile(obn, yt, xv))
+    assert best is not None
+    return best[1]
+
+
+def supports_avx2(target: Any) -> bool:
+    """Whether ``target`` is an x86-64 LLVM target whose CPU has AVX2."""
+    try:
+        from tvm.target import codegen
+
+        if str(target.kind.name) != "llvm":
+            return False
+        triple = str(target.attrs.get("mtriple", "") or "")
+        if triple and not triple.startswith(("x86_64", "i686", "i386")):
+            return False
+        if not triple:
+            import platform
+
+            if platform.machine() not in ("x86_64", "AMD64"):
+                return False
+        return bool(codegen.target_has_features("avx2", target))
+    except Exception as e:  # an LLVM without the query: do not accelerate
+        logger.debug("AVX2 check failed: %s", e)
+        return False
+
+
+def supports_neon(target: Any) -> bool:
+    """Whether ``target`` is an aarch64 LLVM target (NEON is part of ARMv8-A)."""
+    try:
+        if str(target.kind.name) != "llvm":
+            return False
+        triple = str(target.attrs.get("mtriple", "") or "")
+        if not triple:
+            import platform
+
+            return platform.machine() in ("aarch64", "arm64")
+        return triple.startswith(("aarch64", "arm64"))
+    except Exception as e:
+        logger.debug("aarch64 check failed: %s", e)
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def conv2d_int8(
+    x_shape: tuple[int, int, int, int],
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+    target: Any,
+    tile: Tile | None = None,
+) -> tuple[Any, list[np.ndarray]] | None:
+    """A scheduled PrimFunc ``(x, *constants, out)`` and the constant arrays it takes after x,
+    or None when the case is not accelerated (see the module docstring).
+
+    ``tile`` overrides the register tile of a dense conv (benchmarks)."""
+    n, c, h, w = (int(d) for d in x_shape)
+    o, cg, kh, kw = (int(d) for d in weight.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    if x_dtype not in _DTYPES or out_dtype not in _DTYPES or weight.dtype != np.int8:
+        return None
+    # Python ints: a numpy scalar would make int64 constants inside the int32 vector code.
+    x_zero_point, out_zero_point = int(x_zero_point), int(out_zero_point)
+    clamp = (int(clamp[0]), int(clamp[1]))
+    neon = supports_neon(target)
+    if not neon and not supports_avx2(target):
+        logger.debug("int8 conv: no int8 kernel for target %s", target)
+        return None
+    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
+    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
+    if oh < 1 or ow < 1 or min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
+        return None
+    if not (np.all(shift >= 1) and np.all(shift <= 62) and np.all(multiplier > 0)):
+        return None
+    geo = Geometry(n, c, h, w, o, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow)
+    if groups == 1 and cg == c:
+        if kh == kw == 1 and sh == sw == 1 and pt == pl == pb == pr == 0:
+            # One long row: no padding, no row tails, fewer partial vectors.
+            geo = Geometry(n, c, 1, h * w, o, 1, 1, 1, 1, 1, 1, 0, 0, 1, h * w)
+        if neon:
+            # The int16 pair sums need |w| <= 127 (128 * 128 * 2 overflows int16).
+            if int(weight.min()) < -127:
+                return None
+            return _dense_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                               out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+                               (n, o, oh, ow))  # fmt: skip
+        kp = (kw + 1) // 2
+        if dw == 1 and sw in (1, 2) and kw > 1 and c * kp <= (c + 1) // 2 * kw:
+            # Few odd channels (an RGB input): pairing kernel taps wastes fewer lanes than
+            # pairing channels (3 channels x 7x7: 84 vpmaddwd per step, not 98).
+            return _dense_direct(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                                 out_zero_point, out_dtype, clamp, tile)  # fmt: skip
+        tile = tile or choose_tile(o, geo.oh, geo.ow, geo.kw)
+        return _dense(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                      out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+                      (n, o, oh, ow))  # fmt: skip
+    if groups == c == o and cg == 1 and neon:
+        return _depthwise_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                               out_zero_point, out_dtype, clamp)  # fmt: skip
+    if groups == c == o and cg == 1:
+        return _depthwise(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                          out_zero_point, out_dtype, clamp, tile)  # fmt: skip
+    return None
+
+
+def _chunks(tasks: int) -> int:
+    """Parallel tasks for ``tasks`` independent iterations: enough to balance any thread count
+    here, few enough that per-task set-up (workspace allocation) stays negligible."""
+    return max(1, min(tasks, 64))
+
+
+def _finish(func: Any) -> Any:
+    return func.with_attr("tirx.is_scheduled", True)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense conv (groups == 1)
+
+
+def _dense(
+    geo: Geometry,
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+    tile: Tile,
+    x_shape: tuple[int, int, int, int],
+    out_shape: tuple[int, int, int, int],
+) -> tuple[Any, list[np.ndarray]]:
+    from tvm.script import tirx as T
+
+    N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
+    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
+    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
+    OBN, YT, XV = tile.obn, tile.yt, tile.xv
+    CP = (C + 1) // 2
+    OB = -(-O // OBN)
+    TX = XV * LANES
+    NX = -(-OW // TX)
+    NY = -(-OH // YT)  # the last row tile is moved up to end at OH (overlapping the one before)
+    # Repacked activation: rows needed by the output, columns by the padded output width.
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    WQ = NX * TX + ((KW - 1) * DW) // SW
+    XSIZE = N * CP * HP * SW * WQ
+    NR, NT = N * CP * HP, N * OB * NY * NX  # repacked rows, register tiles
+    # Padded input row as bytes (strided repack), long enough for the last 16-byte load.
+    RWD = -(-(SW * WQ + SW + 2 * LANES) // LANES) * LANES
+    qmin, qmax = clamp
+    ZP = int(x_zero_point)
+    ZPW = int(_words(np.array([ZP]), np.array([ZP]))[0])
+    SIGNED = x_dtype == "int8"
+    OUTV = f"{out_dtype}x{LANES}"
+
+    # Weight words: (OB, CP, KH, KW, OBN), zero beyond O and C.
+    wpad = np.zeros((OB * OBN, 2 * CP, KH, KW), dtype=np.int8)
+    wpad[:O, :C] = weight
+    words = _words(wpad[:, 0::2], wpad[:, 1::2])  # (OB*OBN, CP, KH, KW)
+    wq = np.ascontiguousarray(words.reshape(OB, OBN, CP, KH, KW).transpose(0, 2, 3, 4, 1))
+    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, OB * OBN)
+    BIG = bool(np.all(shift >= 32))  # see _requant_vec
+
+    def word(lo: Any, hi: Any) -> Any:
+        """int32 (vector) word of two 8-bit values: low half lo, high half hi."""
+        if SIGNED:
+            return (lo & 0xFFFF) | (hi << 16)
+        return lo | (hi << 16)
+
+    def wordv(lo: Any, hi: Any) -> Any:
+        if SIGNED:
+            return (lo & T.broadcast(0xFFFF, LANES)) | (hi << T.broadcast(16, LANES))
+        return lo | (hi << T.broadcast(16, LANES))
+
+    def slot(j: Any, yy: Any, v: Any) -> Any:
+        """The accumulator vector of channel j, row yy, vector v of the tile."""
+        return T.ramp(((j * YT + yy) * XV + v) * LANES, 1, LANES)
+
+    @T.prim_func
+    def conv(
+        x: T.Buffer(x_shape, x_dtype),
+        wq_: T.Buffer((OB, CP, KH, KW, OBN), "int32"),
+        ep_: T.Buffer((OB * OBN, EP_COLS), "int32"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"global_symbol": "conv2d_int8", "tirx.noalias": True})
+        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
+        xw = T.alloc_buffer((XSIZE,), "int32")
+        # Stage 1: repack the activation into pair words, padded, stride phases split.
+        # Rows in up to 64 parallel chunks (see the module docstring).
+        for chunk in T.parallel(_chunks(NR)):
+            rowb = T.alloc_buffer((2 * RWD + LANES,), x_dtype, scope="local")
+            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                nn = T.Bind(r // (CP * HP))
+                cp = T.Bind(r // HP % CP)
+                row = T.Bind(r % HP - PT)
+                c0 = T.Bind((nn * C + 2 * cp) * H * W)
+                # An odd C's last pair reads channel C-1 twice; its weight half is zero.
+                c1 = T.Bind((nn * C + T.min(2 * cp + 1, C - 1)) * H * W)
+                base = T.Bind(r * SW * WQ)
+                if row < 0 or row >= H:
+                    for q in range(SW * WQ):
+                        xw[base + q] = ZPW
+                elif SW == 1:
+                    for q in range(PL):
+                        xw[base + q] = ZPW
+                    for v in range(W // LANES):
+                        at = row * W + v * LANES
+                        lo = T.Bind(T.cast(xf[T.ramp(c0 + at, 1, LANES)], "int32x8"))
+                        hi = T.Bind(T.cast(xf[T.ramp(c1 + at, 1, LANES)], "int32x8"))
+                        xw[T.ramp(base + PL + v * LANES, 1, LANES)] = wordv(lo, hi)
+                    for q in range(W // LANES * LANES, W):
+                        xw[base + PL + q] = word(
+                            T.cast(xf[c0 + row * W + q], "int32"),
+                            T.cast(xf[c1 + row * W + q], "int32"),
+                        )
+                    for q in range(PL + W, WQ):
+                        xw[base + q] = ZPW
+                else:
+                    # Strided: both channels' padded rows as bytes, then 8 words per step from
+                    # unconditional loads (stride 2: a 16-byte load widened to int16 has the
+                    # even columns in the low halves of its int32 lanes).
+                    for k in T.unroll(2):
+                        src = T.Bind(T.if_then_else(k == 0, c0, c1) + row * W)
+                        for q in range(PL):
+                            rowb[k * RWD + q] = T.cast(ZP, x_dtype)
+                        for v in range(W // LANES):
+                            rowb[T.ramp(k * RWD + PL + v * LANES, 1, LANES)] = xf[
+                                T.ramp(src + v * LANES, 1, LANES)
+                            ]
+                        for q in range(W // LANES * LANES, W):
+                            rowb[k * RWD + PL + q] = xf[src + q]
+                        for v in range((RWD - PL - W + LANES - 1) // LANES):
+                            rowb[T.ramp(k * RWD + PL + W + v * LANES, 1, LANES)] = T.broadcast(
+                                T.cast(ZP, x_dtype), LANES
+                            )
+                    for ph in range(SW):
+                        for v in range(WQ // LANES):
+                            if SW == 2:
+                                xw[T.ramp(base + ph * WQ + v * LANES, 1, LANES)] = (
+                                    T.reinterpret("int32x8", T.cast(
+                                        rowb[T.ramp(ph + v * 2 * LANES, 1, 2 * LANES)], "int16x16"
+                                    )) & T.broadcast(0xFFFF, LANES)
+                                ) | (T.reinterpret("int32x8", T.cast(
+                                    rowb[T.ramp(RWD + ph + v * 2 * LANES, 1, 2 * LANES)], "int16x16"
+                                )) << T.broadcast(16, LANES))  # fmt: skip
+                            else:
+                                xw[T.ramp(base + ph * WQ + v * LANES, 1, LANES)] = wordv(
+                                    T.cast(rowb[T.ramp(ph + v * SW * LANES, SW, LANES)], "int32x8"),
+                                    T.cast(
+                                        rowb[T.ramp(RWD + ph + v * SW * LANES, SW, LANES)],
+                                        "int32x8",
+                                    ),
+                                )
+                        for q in range(WQ // LANES * LANES, WQ):
+                            xw[base + ph * WQ + q] = word(
+                                T.cast(rowb[q * SW + ph], "int32"),
+                                T.cast(rowb[RWD + q * SW + ph], "int32"),
+                            )
+        # Stage 2: register tiles of OBN channels x YT rows x XV vectors, in parallel.
+        # Tiles in up to 64 parallel chunks, local buffers allocated once per chunk.
+        for chunk in T.parallel(_chunks(NT)):
+            acc = T.alloc_buffer((OBN * YT * XV * LANES,), "int32", scope="local")
+            res = T.alloc_buffer((LANES,), out_dtype, scope="local")
+            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                nn = T.Bind(t // (OB * NY * NX))
+                ob = T.Bind(t // (NY * NX) % OB)
+                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                x0 = T.Bind(t % NX * TX)
+                for j in T.unroll(OBN):
+                    for i in T.unroll(YT * XV):
+                        acc[T.ramp((j * YT * XV + i) * LANES, 1, LANES)] = T.broadcast(
+                            ep_[ob * OBN + j, 0], LANES
+                        )
+                for cp in range(CP):
+                    for ky in range(KH):
+                        for kx in T.unroll(KW):
+                            for j in T.unroll(OBN):
+                                for yy in T.unroll(YT):
+                                    for v in T.unroll(XV):
+                                        acc[slot(j, yy, v)] = acc[
+                                            slot(j, yy, v)
+                                        ] + T.call_llvm_pure_intrin(
+                                            "int32x8",
+                                            _PMADDWD,
+                                            T.reinterpret(
+                                                "int16x16",
+                                                xw[
+                                                    T.ramp(
+                                                        ((((nn * CP + cp) * HP + (y0 + yy) * SH
+                                                           + ky * DH) * SW + kx * DW % SW) * WQ)
+                                                        + x0 + v * LANES + kx * DW // SW,
+                                                        1,
+                                                        LANES,
+                                                    )
+                                                ],
+                                            ),
+                                            T.reinterpret(
+                                                "int16x16",
+                                                T.broadcast(wq_[ob, cp, ky, kx, j], LANES),
+                                            ),
+                                        )  # fmt: skip
+                # Epilogue straight from the accumulators.
+                for j in T.unroll(OBN):
+                    for yy in T.unroll(YT):
+                        for v in T.unroll(XV):
+                            o = T.Bind(ob * OBN + j)
+                            av = acc[slot(j, yy, v)]
+                            res[T.ramp(0, 1, LANES)] = T.cast(
+                                _requant_vec(
+                                    T, av, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
+                                    out_zero_point, qmin, qmax, BIG,
+                                ),
+                                OUTV,
+                            )  # fmt: skip
+                            ob_ = T.Bind(((nn * O + o) * OH + y0 + yy) * OW + x0 + v * LANES)
+                            if o < O:
+                                if x0 + v * LANES + LANES <= OW:
+                                    of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
+                                else:
+                                    for lane in range(LANES):
+                                        if x0 + v * LANES + lane < OW:
+                                            of[ob_ + lane] = res[lane]
+
+    return _finish(conv), [wq, ep]
+
+
+# --------------------------------------------------------------------------------------------
+# Dense conv with few input channels: pairs of kernel taps (groups == 1, dilation 1, stride <= 2)
+
+
+def _dense_direct(
+    geo: Geometry,
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+    tile: Tile | None = None,
+) -> tuple[Any, list[np.ndarray]]:
+    """The depthwise scheme (taps ``kx``, ``kx + 1`` paired, operands widened straight from the
+    padded bytes) with a reduction over the input channels and ``OBN`` output channels per
+    tile (weight words ``wq[ob, c, ky, kp, j]``)."""
+    from tvm.script import tirx as T
+
+    N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
+    KH, KW, SH, SW, DH = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh
+    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
+    KP = (KW + 1) // 2
+    if tile is None:
+        tile = choose_tile(O, OH, OW, KW)
+    OBN, YT, XV = tile.obn, tile.yt, tile.xv
+    OB = -(-O // OBN)
+    TX = XV * LANES
+    NX = -(-OW // TX)
+    NY = -(-OH // YT)
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    RB = -(-(SW * NX * TX + 2 * KP + 2 * LANES) // LANES) * LANES
+    XB = N * C * HP * RB
+    NR, NT = N * C * HP, N * OB * NY * NX
+    qmin, qmax = clamp
+    ZP = int(x_zero_point)
+    OUTV = f"{out_dtype}x{LANES}"
+    PAIRS = [i // 2 + i % 2 for i in range(2 * LANES)]
+
+    wpad = np.zeros((OB * OBN, C, KH, 2 * KP), dtype=np.int8)
+    wpad[:O, :, :, :KW] = weight
+    words = _words(wpad[..., 0::2], wpad[..., 1::2])  # (O', C, KH, KP)
+    wq = np.ascontiguousarray(words.reshape(OB, OBN, C, KH, KP).transpose(0, 2, 3, 4, 1))
+    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, OB * OBN)
+    BIG = bool(np.all(shift >= 32))  # see _requant_vec
+    x_shape = (N, C, H, W)
+    out_shape = (N, O, OH, OW)
+
+    def taps(xb: Any, at: Any) -> Any:
+        v = xb[T.ramp(at, 1, 2 * LANES)]
+        return T.cast(v if SW == 2 else T.Shuffle([v], PAIRS), "int16x16")
+
+    def slot(j: Any, yy: Any, v: Any) -> Any:
+        return T.ramp(((j * YT + yy) * XV + v) * LANES, 1, LANES)
+
+    @T.prim_func
+    def conv_direct(
+        x: T.Buffer(x_shape, x_dtype),
+        wq_: T.Buffer((OB, C, KH, KP, OBN), "int32"),
+        ep_: T.Buffer((OB * OBN, EP_COLS), "int32"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"global_symbol": "conv2d_int8", "tirx.noalias": True})
+        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
+        xb = T.alloc_buffer((XB,), x_dtype)
+        # Stage 1: the padded rows as bytes (zero point outside the input).
+        for chunk in T.parallel(_chunks(NR)):
+            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                row = T.Bind(r % HP - PT)
+                src = T.Bind(r // HP * H * W + row * W)
+                base = T.Bind(r * RB)
+                if row >= 0 and row < H:
+                    for q in range(PL):
+                        xb[base + q] = T.cast(ZP, x_dtype)
+                    for v in range(W // LANES):
+                        xb[T.ramp(base + PL + v * LANES, 1, LANES)] = xf[
+                            T.ramp(src + v * LANES, 1, LANES)
+                        ]
+                    for q in range(W // LANES * LANES, W):
+                        xb[base + PL + q] = xf[src + q]
+                    for v in range((RB - PL - W) // LANES):
+                        xb[T.ramp(base + PL + W + v * LANES, 1, LANES)] = T.broadcast(
+                            T.cast(ZP, x_dtype), LANES
+                        )
+                    for q in range((RB - PL - W) // LANES * LANES + PL + W, RB):
+                        xb[base + q] = T.cast(ZP, x_dtype)
+                else:
+                    for v in range(RB // LANES):
+                        xb[T.ramp(base + v * LANES, 1, LANES)] = T.broadcast(
+                            T.cast(ZP, x_dtype), LANES
+                        )
+        # Stage 2: tiles of OBN channels x YT rows x XV vectors.
+        for chunk in T.parallel(_chunks(NT)):
+            acc = T.alloc_buffer((OBN * YT * XV * LANES,), "int32", scope="local")
+            res = T.alloc_buffer((LANES,), out_dtype, scope="local")
+            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                nn = T.Bind(t // (OB * NY * NX))
+                ob = T.Bind(t // (NY * NX) % OB)
+                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                x0 = T.Bind(t % NX * TX)
+                for j in T.unroll(OBN):
+                    for i in T.unroll(YT * XV):
+                        acc[T.ramp((j * YT * XV + i) * LANES, 1, LANES)] = T.broadcast(
+                            ep_[ob * OBN + j, 0], LANES
+                        )
+                for c in range(C):
+                    for ky in range(KH):
+                        for kp in T.unroll(KP):
+                            for j in T.unroll(OBN):
+                                for yy in T.unroll(YT):
+                                    for v in T.unroll(XV):
+                                        acc[slot(j, yy, v)] = acc[
+                                            slot(j, yy, v)
+                                        ] + T.call_llvm_pure_intrin(
+                                            "int32x8",
+                                            _PMADDWD,
+                                            taps(
+                                                xb,
+                                                ((nn * C + c) * HP + (y0 + yy) * SH + ky * DH)
+                                                * RB + SW * (x0 + v * LANES) + 2 * kp,
+                                            ),
+                                            T.reinterpret(
+                                                "int16x16",
+                                                T.broadcast(wq_[ob, c, ky, kp, j], LANES),
+                                            ),
+                                        )  # fmt: skip
+                for j in T.unroll(OBN):
+                    for yy in T.unroll(YT):
+                        for v in T.unroll(XV):
+                            o = T.Bind(ob * OBN + j)
+                            res[T.ramp(0, 1, LANES)] = T.cast(
+                                _requant_vec(
+                                    T, acc[slot(j, yy, v)],
+                                    ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
+                                    out_zero_point, qmin, qmax, BIG,
+                                ),
+                                OUTV,
+                            )  # fmt: skip
+                            ob_ = T.Bind(((nn * O + o) * OH + y0 + yy) * OW + x0 + v * LANES)
+                            if o < O:
+                                if x0 + v * LANES + LANES <= OW:
+                                    of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
+                                else:
+                                    for lane in range(LANES):
+                                        if x0 + v * LANES + lane < OW:
+                                            of[ob_ + lane] = res[lane]
+
+    return _finish(conv_direct), [wq, ep]
+
+
+# --------------------------------------------------------------------------------------------
+# Depthwise conv (groups == C == O)
+
+
+def _depthwise(
+    geo: Geometry,
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+    tile: Tile | None = None,
+) -> tuple[Any, list[np.ndarray]] | None:
+    from tvm.script import tirx as T
+
+    N, C, H, W = geo.n, geo.c, geo.h, geo.w
+    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
+    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
+    KP = (KW + 1) // 2  # tap pairs per kernel row
+    if tile is None:
+        # One column vector, several rows: rows share operands (row y+1's tap ky is row y's
+        # tap ky+1), and no row is padded to a multiple of 2 vectors (measured best).
+        XV = 1
+        YT = min(8 if SH == 1 else 4, OH)
+    else:
+        XV, YT = tile.xv, tile.yt
+    TX = XV * LANES
+    NX = -(-OW // TX)
+    NY = -(-OH // YT)  # the last row tile is moved up to end at OH (overlapping the one before)
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    WQ = NX * TX + (2 * (KP - 1) * DW) // SW
+    # The padded row as bytes (zero point outside the input): the words are read from it with
+    # unconditional vector loads. Long enough for the last word's second half.
+    RW = -(-(SW * WQ + SW + DW + 2 * LANES) // LANES) * LANES
+    XSIZE = N * C * HP * SW * WQ
+    NR, NT = N * C * HP, N * C * NY * NX  # repacked rows, register tiles
+    qmin, qmax = clamp
+    ZP = int(x_zero_point)
+    SIGNED = x_dtype == "int8"
+    OUTV = f"{out_dtype}x{LANES}"
+    # Dilation 1, stride 1 or 2: the tiles read the padded bytes directly. Stride 2: taps
+    # (u, u+1) of 8 output columns are 16 adjacent bytes, one widening load; stride 1: 9 bytes,
+    # duplicated into pairs by one byte shuffle, then widened.
+    DIRECT = SW in (1, 2) and DW == 1
+    PAIRS = [i // 2 + i % 2 for i in range(2 * LANES)]  # 0, 1, 1, 2, 2, ..., 7, 8
+
+    wpad = np.zeros((C, KH, 2 * KP), dtype=np.int8)
+    wpad[:, :, :KW] = weight[:, 0]
+    wq = np.ascontiguousarray(_words(wpad[:, :, 0::2], wpad[:, :, 1::2]))  # (C, KH, KP)
+    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
+    BIG = bool(np.all(shift >= 32))  # see _requant_vec
+    x_shape = (N, C, H, W)
+    out_shape = (N, C, OH, OW)
+
+    def wordv(lo: Any, hi: Any) -> Any:
+        if SIGNED:
+            return (lo & T.broadcast(0xFFFF, LANES)) | (hi << T.broadcast(16, LANES))
+        return lo | (hi << T.broadcast(16, LANES))
+
+    def word(lo: Any, hi: Any) -> Any:
+        if SIGNED:
+            return (lo & 0xFFFF) | (hi << 16)
+        return lo | (hi << 16)
+
+    def taps(xb: Any, at: Any) -> Any:
+        """int16x16 operand of a tap pair for 8 output columns, from padded bytes at ``at``."""
+        v = xb[T.ramp(at, 1, 2 * LANES)]
+        return T.cast(v if SW == 2 else T.Shuffle([v], PAIRS), "int16x16")
+
+    if DIRECT:
+        # No words at all: the padded image as bytes, read by the tiles with widening loads.
+        RB = -(-(SW * NX * TX + 2 * KP + 2 * LANES) // LANES) * LANES
+        XB = N * C * HP * RB
+
+        @T.prim_func
+        def dwconv_direct(
+            x: T.Buffer(x_shape, x_dtype),
+            wq_: T.Buffer((C, KH, KP), "int32"),
+            ep_: T.Buffer((C, EP_COLS), "int32"),
+            out: T.Buffer(out_shape, out_dtype),
+        ):
+            T.func_attr({"global_symbol": "dwconv2d_int8", "tirx.noalias": True})
+            xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+            of = T.decl_buffer((N * C * OH * OW,), out_dtype, data=out.data)
+            xb = T.alloc_buffer((XB,), x_dtype)
+            # Stage 1: the padded rows (zero point outside the input).
+            for chunk in T.parallel(_chunks(NR)):
+                for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                    row = T.Bind(r % HP - PT)
+                    src = T.Bind(r // HP * H * W + row * W)
+                    base = T.Bind(r * RB)
+                    if row >= 0 and row < H:
+                        for q in range(PL):
+                            xb[base + q] = T.cast(ZP, x_dtype)
+                        for v in range(W // LANES):
+                            xb[T.ramp(base + PL + v * LANES, 1, LANES)] = xf[
+                                T.ramp(src + v * LANES, 1, LANES)
+                            ]
+                        for q in range(W // LANES * LANES, W):
+                            xb[base + PL + q] = xf[src + q]
+                        for v in range((RB - PL - W) // LANES):
+                            xb[T.ramp(base + PL + W + v * LANES, 1, LANES)] = T.broadcast(
+                                T.cast(ZP, x_dtype), LANES
+                            )
+                        for q in range((RB - PL - W) // LANES * LANES + PL + W, RB):
+                            xb[base + q] = T.cast(ZP, x_dtype)
+                    else:
+                        for v in range(RB // LANES):
+                            xb[T.ramp(base + v * LANES, 1, LANES)] = T.broadcast(
+                                T.cast(ZP, x_dtype), LANES
+                            )
+            # Stage 2: as dwconv below, the operands made from the bytes by taps().
+            for chunk in T.parallel(_chunks(NT)):
+                acc = T.alloc_buffer((YT * XV * LANES,), "int32", scope="local")
+                res = T.alloc_buffer((LANES,), out_dtype, scope="local")
+                for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                    nc = T.Bind(t // (NY * NX))
+                    c = T.Bind(nc % C)
+                    y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                    x0 = T.Bind(t % NX * TX)
+                    for i in T.unroll(YT * XV):
+                        acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(ep_[c, 0], LANES)
+                    for ky in T.unroll(KH):
+                        for kp in T.unroll(KP):
+                            for yy in T.unroll(YT):
+                                for v in T.unroll(XV):
+                                    acc[T.ramp((yy * XV + v) * LANES, 1, LANES)] = acc[
+                                        T.ramp((yy * XV + v) * LANES, 1, LANES)
+                                    ] + T.call_llvm_pure_intrin(
+                                        "int32x8",
+                                        _PMADDWD,
+                                        taps(
+                                            xb,
+                                            (nc * HP + (y0 + yy) * SH + ky * DH) * RB
+                                            + SW * (x0 + v * LANES) + 2 * kp
+                                        ),
+                                        T.reinterpret(
+                                            "int16x16", T.broadcast(wq_[c, ky, kp], LANES)
+                                        ),
+                                    )  # fmt: skip
+                    for yy in T.unroll(YT):
+                        for v in T.unroll(XV):
+                            res[T.ramp(0, 1, LANES)] = T.cast(
+                                _requant_vec(
+                                    T, acc[T.ramp((yy * XV + v) * LANES, 1, LANES)],
+                                    ep_[c, 1], ep_[c, 2], ep_[c, 3], ep_[c, 4], ep_[c, 5],
+                                    out_zero_point, qmin, qmax, BIG,
+                                ),
+                                OUTV,
+                            )  # fmt: skip
+                            ob_ = T.Bind((nc * OH + y0 + yy) * OW + x0 + v * LANES)
+                            if x0 + v * LANES + LANES <= OW:
+                                of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
+                            else:
+                                for lane in range(LANES):
+                                    if x0 + v * LANES + lane < OW:
+                                        of[ob_ + lane] = res[lane]
+
+        return _finish(dwconv_direct), [wq, ep]
+
+    @T.prim_func
+    def dwconv(
+        x: T.Buffer(x_shape, x_dtype),
+        wq_: T.Buffer((C, KH, KP), "int32"),
+        ep_: T.Buffer((C, EP_COLS), "int32"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"global_symbol": "dwconv2d_int8", "tirx.noalias": True})
+        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        of = T.decl_buffer((N * C * OH * OW,), out_dtype, data=out.data)
+        xw = T.alloc_buffer((XSIZE,), "int32")
+        # Stage 1: per (n, c, padded row): the padded row as bytes, then its tap-pair words.
+        # Rows in up to 64 parallel chunks (see the module docstring).
+        for chunk in T.parallel(_chunks(NR)):
+            rowb = T.alloc_buffer((RW + LANES,), x_dtype, scope="local")
+            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                row = T.Bind(r % HP - PT)
+                src = T.Bind(r // HP * H * W + row * W)
+                base = T.Bind(r * SW * WQ)
+                # Only the border gets the zero point (vector stores; the buffer has a spare
+                # vector at the end for the last one).
+                if row >= 0 and row < H:
+                    for q in range(PL):
+                        rowb[q] = T.cast(ZP, x_dtype)
+                    for v in range(W // LANES):
+                        rowb[T.ramp(PL + v * LANES, 1, LANES)] = xf[
+                            T.ramp(src + v * LANES, 1, LANES)
+                        ]
+                    for q in range(W // LANES * LANES, W):
+                        rowb[PL + q] = xf[src + q]
+                    for v in range((RW - PL - W + LANES - 1) // LANES):
+                        rowb[T.ramp(PL + W + v * LANES, 1, LANES)] = T.broadcast(
+                            T.cast(ZP, x_dtype), LANES
+                        )
+                else:
+                    for v in range(RW // LANES):
+                        rowb[T.ramp(v * LANES, 1, LANES)] = T.broadcast(T.cast(ZP, x_dtype), LANES)
+                for ph in range(SW):
+                    for v in range(WQ // LANES):
+                        xw[T.ramp(base + ph * WQ + v * LANES, 1, LANES)] = wordv(
+                            T.cast(rowb[T.ramp(ph + v * SW * LANES, SW, LANES)], "int32x8"),
+                            T.cast(
+                                rowb[T.ramp(ph + v * SW * LANES + DW, SW, LANES)], "int32x8"
+                            ),
+                        )
+                    for q in range(WQ // LANES * LANES, WQ):
+                        xw[base + ph * WQ + q] = word(
+                            T.cast(rowb[q * SW + ph], "int32"),
+                            T.cast(rowb[q * SW + ph + DW], "int32"),
+                        )
+        # Stage 2: tiles of one channel x YT rows x XV vectors.
+        # Tiles in up to 64 parallel chunks, local buffers allocated once per chunk.
+        for chunk in T.parallel(_chunks(NT)):
+            acc = T.alloc_buffer((YT * XV * LANES,), "int32", scope="local")
+            res = T.alloc_buffer((LANES,), out_dtype, scope="local")
+            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                nc = T.Bind(t // (NY * NX))
+                c = T.Bind(nc % C)
+                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                x0 = T.Bind(t % NX * TX)
+                for i in T.unroll(YT * XV):
+                    acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(ep_[c, 0], LANES)
+                for ky in T.unroll(KH):
+                    for kp in T.unroll(KP):
+                        for yy in T.unroll(YT):
+                            for v in T.unroll(XV):
+                                acc[T.ramp((yy * XV + v) * LANES, 1, LANES)] = acc[
+                                    T.ramp((yy * XV + v) * LANES, 1, LANES)
+                                ] + T.call_llvm_pure_intrin(
+                                    "int32x8",
+                                    _PMADDWD,
+                                    T.reinterpret(
+                                        "int16x16",
+                                        xw[
+                                            T.ramp(
+                                                ((nc * HP + (y0 + yy) * SH + ky * DH) * SW
+                                                 + 2 * kp * DW % SW) * WQ
+                                                + x0 + v * LANES + 2 * kp * DW // SW,
+                                                1,
+                                                LANES,
+                                            )
+                                        ],
+                                    ),
+                                    T.reinterpret("int16x16", T.broadcast(wq_[c, ky, kp], LANES)),
+                                )  # fmt: skip
+                for yy in T.unroll(YT):
+                    for v in T.unroll(XV):
+                        res[T.ramp(0, 1, LANES)] = T.cast(
+                            _requant_vec(
+                                T, acc[T.ramp((yy * XV + v) * LANES, 1, LANES)],
+                                ep_[c, 1], ep_[c, 2], ep_[c, 3], ep_[c, 4], ep_[c, 5],
+                                out_zero_point, qmin, qmax, BIG,
+                            ),
+                            OUTV,
+                        )  # fmt: skip
+                        ob_ = T.Bind((nc * OH + y0 + yy) * OW + x0 + v * LANES)
+                        if x0 + v * LANES + LANES <= OW:
+                            of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
+                        else:
+                            for lane in range(LANES):
+                                if x0 + v * LANES + lane < OW:
+                                    of[ob_ + lane] = res[lane]
+
+    return _finish(dwconv), [wq, ep]
+
+
+def _requant_vec(
+    T: Any,
+    acc: Any,
+    lo: Any,
+    hi: Any,
+    m: Any,
+    s1: Any,
+    s2: Any,
+    zp: int,
+    qmin: int,
+    qmax: int,
+    big: bool = False,
+) -> Any:
+    """int32x8 output values of int32x8 accumulators (bias included) for one channel, exactly
+    as the module docstring's epilogue: clamp, int64 multiply + round, the two shifts, clip.
+
+    Written on the even and odd int32 lanes as 4 x int64 each (``vpmuldq`` multiplies the
+    sign-extended low halves of int64 lanes), so that no lane is moved before the end: the even
+    results are shifted right by ``s1`` (their low 32 bits stay in place), the odd ones left by
+    ``32 - s1`` (the same 32 bits land in the high half), and one ``vpblendd`` merges them.
+
+    ``big``: every channel shifts by >= 32 (the usual case: scales below 1). Then
+    ``|acc * m| / 2**shift < 2**30`` for any int32 accumulator, so the clamp is not needed,
+    ``s1`` is 32 and the odd lanes need no shift at all."""
+    if big:
+        s1 = 32
+    a = acc if big else T.max(T.min(acc, T.broadcast(hi, LANES)), T.broadcast(lo, LANES))
+    half = LANES // 2
+    a64 = T.reinterpret("int64x4", a)
+    c32 = T.broadcast(T.int64(32), half)
+    even = T.shift_right(T.shift_left(a64, c32), c32)  # sign-extended even lanes
+    odd = T.shift_right(a64, c32)  # sign-extended odd lanes
+    mv = T.broadcast(T.cast(m, "int64"), half)
+    rnd = T.broadcast(T.shift_left(T.int64(1), T.cast(s1 + s2 - 1, "int64")), half)
+    pe = even * mv + rnd
+    po = odd * mv + rnd
+    re = T.reinterpret(
+        "int32x8",
+        T.shift_right(T.cast(pe, "uint64x4"), T.broadcast(T.cast(s1, "uint64"), half)),
+    )
+    ro = T.reinterpret(
+        "int32x8",
+        po if big else T.shift_left(po, T.broadcast(T.cast(32 - s1, "int64"), half)),
+    )
+    merged = T.Shuffle([re, ro], [i + LANES * (i % 2) for i in range(LANES)])
+    r = T.shift_right(merged, T.broadcast(s2, LANES)) + T.broadcast(zp, LANES)
+    return T.max(T.min(r, T.broadcast(qmax, LANES)), T.broadcast(qmin, LANES))
+
+
+# --------------------------------------------------------------------------------------------
+# aarch64 NEON dense conv (groups == 1)
+
+NEON_LANES = 4  # int32 lanes of a q register
+_SADDLP = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
+
+
+def _dense_neon(
+    geo: Geometry,
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+    tile: Tile | None,
+    x_shape: tuple[int, int, int, int],
+    out_shape: tuple[int, int, int, int],
+) -> tuple[Any, list[np.ndarray]]:
+    """NEON (ARMv8-A baseline, no dot product): ``smull`` + ``smlal`` + ``sadalp``.
+
+    Activations are made int8 (uint8 ``x`` becomes ``x - 128``, the bias takes
+    ``128 * sum(w)``), so that two int8 x int8 products (|x * w| <= 128 * 127) sum exactly in
+    int16; ``sadalp`` adds adjacent int16 lanes into the int32 accumulators. One step is 4
+    output columns x 4 input channels = 16 multiply-adds in 3 instructions (fp32 ``fmla``: 4).
+
+    Layout: channels in quads; per quad two byte planes, ``lo`` holding the pairs
+    ``(x[4q], x[4q+1])`` and ``hi`` the pairs ``(x[4q+2], x[4q+3])`` of every column, so that
+    8 bytes of a plane are one pair for 4 consecutive columns. The weight of (o, quad, ky, kx)
+    is 16 bytes: ``(w0, w1)`` x 4 then ``(w2, w3)`` x 4. ``smull(lo, wlo) + smlal(hi, whi)``
+    gives, in int16 lane ``2i + k``, ``x[4q+k, col i] * w_k + x[4q+2+k, col i] * w_{2+k}``."""
+    from tvm.script import tirx as T
+
+    N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
+    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
+    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
+    L = NEON_LANES
+    vecs = -(-OW // L)
+    if tile is None:
+        # 32 q registers: 4 x 4 accumulators + 8 d-register operands + 4 weights + temps.
+        XV = min(4, vecs)
+        OBN = 4
+        YT = 1
+    else:
+        OBN, YT, XV = tile.obn, tile.yt, tile.xv
+    CQ = (C + 3) // 4
+    OB = -(-O // OBN)
+    TX = XV * L
+    NX = -(-OW // TX)
+    NY = -(-OH // YT)
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    WQ = NX * TX + ((KW - 1) * DW) // SW
+    PLANE = HP * SW * WQ * 2  # bytes of one plane of one quad
+    XSIZE = N * CQ * 2 * PLANE
+    NR, NT = N * CQ * HP, N * OB * NY * NX
+    qmin, qmax = clamp
+    SHIFTED = x_dtype == "uint8"  # activations made int8: x - 128
+    ZPS = int(x_zero_point) - (128 if SHIFTED else 0)
+    OUTV = f"{out_dtype}x{L}"
+
+    # Weight: (OB, CQ, KH, KW, OBN, 16) int8, zero beyond O and C.
+    wpad = np.zeros((OB * OBN, 4 * CQ, KH, KW), dtype=np.int8)
+    wpad[:O, :C] = weight
+    wq4 = wpad.reshape(OB * OBN, CQ, 4, KH, KW).transpose(0, 1, 3, 4, 2)  # (O', CQ, KH, KW, 4)
+    lo = np.tile(wq4[..., 0:2], 4)  # (w0, w1) x 4
+    hi = np.tile(wq4[..., 2:4], 4)
+    wn = np.concatenate([lo, hi], axis=-1).reshape(OB, OBN, CQ, KH, KW, 16)
+    wn = np.ascontiguousarray(wn.transpose(0, 2, 3, 4, 1, 5))
+    bias2 = bias.astype(np.int64)
+    if SHIFTED:
+        bias2 = bias2 + 128 * weight.astype(np.int64).sum(axis=(1, 2, 3))
+    if np.any(np.abs(bias2) >= 2**31):
+        bias2 = np.clip(bias2, INT32_MIN, INT32_MAX)  # only if the true accumulator overflows
+    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
+                          OB * OBN)  # fmt: skip
+
+    def wat(ob: Any, cq: Any, ky: Any, kx: Any, j: Any) -> Any:
+        """Offset of the 16 weight bytes of (ob*OBN + j, quad cq, ky, kx)."""
+        return ((((ob * CQ + cq) * KH + ky) * KW + kx) * OBN + j) * 16
+
+    @T.prim_func
+    def conv(
+        x: T.Buffer(x_shape, x_dtype),
+        wn_: T.Buffer((OB, CQ, KH, KW, OBN, 16), "int8"),
+        ep_: T.Buffer((OB * OBN, EP_COLS), "int32"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"global_symbol": "conv2d_int8", "tirx.noalias": True})
+        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
+        wf = T.decl_buffer((wn.size,), "int8", data=wn_.data)
+        xq = T.alloc_buffer((XSIZE,), "int8")
+        # Stage 1: the two byte planes of every quad, padded (scalar: ARM speed is not
+        # measured here; the repack is O(input) against O(input * O) for the conv).
+        for chunk in T.parallel(_chunks(NR)):
+            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                nn = T.Bind(r // (CQ * HP))
+                cq = T.Bind(r // HP % CQ)
+                row = T.Bind(r % HP - PT)
+                for half in range(2):
+                    for k in range(2):
+                        c = T.Bind(4 * cq + 2 * half + k)
+                        for ph in range(SW):
+                            for q in range(WQ):
+                                col = T.Bind(q * SW + ph - PL)
+                                dst = T.Bind(
+                                    (((nn * CQ + cq) * 2 + half) * HP + r % HP) * SW * WQ * 2
+                                    + (ph * WQ + q) * 2 + k
+                                )
+                                if c < C and row >= 0 and row < H and col >= 0 and col < W:
+                                    xq[dst] = _to_i8(T, xf[((nn * C + c) * H + row) * W + col],
+                                                     SHIFTED)  # fmt: skip
+                                else:
+                                    xq[dst] = T.int8(ZPS)
+        # Stage 2: tiles of OBN channels x YT rows x XV vectors of 4 columns.
+        for chunk in T.parallel(_chunks(NT)):
+            acc = T.alloc_buffer((OBN * YT * XV * L,), "int32", scope="local")
+            res = T.alloc_buffer((L,), out_dtype, scope="local")
+            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                nn = T.Bind(t // (OB * NY * NX))
+                ob = T.Bind(t // (NY * NX) % OB)
+                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                x0 = T.Bind(t % NX * TX)
+                for j in T.unroll(OBN):
+                    for i in T.unroll(YT * XV):
+                        acc[T.ramp((j * YT * XV + i) * L, 1, L)] = T.broadcast(
+                            ep_[ob * OBN + j, 0], L
+                        )
+                for cq in range(CQ):
+                    for ky in range(KH):
+                        for kx in T.unroll(KW):
+                            for j in T.unroll(OBN):
+                                for yy in T.unroll(YT):
+                                    for v in T.unroll(XV):
+                                        acc[T.ramp(((j * YT + yy) * XV + v) * L, 1, L)] = acc[
+                                            T.ramp(((j * YT + yy) * XV + v) * L, 1, L)
+                                        ] + T.call_llvm_pure_intrin(
+                                            "int32x4",
+                                            _SADDLP,
+                                            T.cast(
+                                                xq[T.ramp(
+                                                    (((nn * CQ + cq) * 2 * HP
+                                                      + (y0 + yy) * SH + ky * DH) * SW
+                                                     + kx * DW % SW) * WQ * 2
+                                                    + (x0 + v * L + kx * DW // SW) * 2,
+                                                    1, 8,
+                                                )],
+                                                "int16x8",
+                                            ) * T.cast(
+                                                wf[T.ramp(wat(ob, cq, ky, kx, j), 1, 8)],
+                                                "int16x8",
+                                            ) + T.cast(
+                                                xq[T.ramp(
+                                                    ((((nn * CQ + cq) * 2 + 1) * HP
+                                                      + (y0 + yy) * SH + ky * DH) * SW
+                                                     + kx * DW % SW) * WQ * 2
+                                                    + (x0 + v * L + kx * DW // SW) * 2,
+                                                    1, 8,
+                                                )],
+                                                "int16x8",
+                                            ) * T.cast(
+                                                wf[T.ramp(wat(ob, cq, ky, kx, j) + 8, 1, 8)],
+                                                "int16x8",
+                                            ),
+                                        )  # fmt: skip
+                for j in T.unroll(OBN):
+                    for yy in T.unroll(YT):
+                        for v in T.unroll(XV):
+                            o = T.Bind(ob * OBN + j)
+                            res[T.ramp(0, 1, L)] = T.cast(
+                                _requant_vec4(
+                                    T, acc[T.ramp(((j * YT + yy) * XV + v) * L, 1, L)],
+                                    ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
+                                    out_zero_point, qmin, qmax,
+                                ),
+                                OUTV,
+                            )  # fmt: skip
+                            ob_ = T.Bind(((nn * O + o) * OH + y0 + yy) * OW + x0 + v * L)
+                            if o < O:
+                                if x0 + v * L + L <= OW:
+                                    of[T.ramp(ob_, 1, L)] = res[T.ramp(0, 1, L)]
+                                else:
+                                    for lane in range(L):
+                                        if x0 + v * L + lane < OW:
+                                            of[ob_ + lane] = res[lane]
+
+    return _finish(conv), [wn, ep]
+
+
+def _to_i8(T: Any, v: Any, shifted: bool) -> Any:
+    """A loaded activation as int8: ``x - 128`` for uint8 (flip the top bit), else as is."""
+    if shifted:
+        return T.cast(T.cast(v, "int32") - 128, "int8")
+    return v
+
+
+def _requant_vec4(
+    T: Any, acc: Any, lo: Any, hi: Any, m: Any, s1: Any, s2: Any, zp: int, qmin: int, qmax: int
+) -> Any:
+    """:func:`_requant_vec` for 4 lanes in portable vector arithmetic (LLVM's NEON lowering)."""
+    n = NEON_LANES
+    a = T.max(T.min(acc, T.broadcast(hi, n)), T.broadcast(lo, n))
+    rnd = T.shift_left(T.int64(1), T.cast(s1 + s2 - 1, "int64"))
+    p = T.cast(a, f"int64x{n}") * T.broadcast(T.cast(m, "int64"), n) + T.broadcast(rnd, n)
+    u = T.shift_right(T.cast(p, f"uint64x{n}"), T.broadcast(T.cast(s1, "uint64"), n))
+    r = T.shift_right(T.cast(u, f"int32x{n}"), T.broadcast(s2, n)) + T.broadcast(zp, n)
+    return T.max(T.min(r, T.broadcast(qmax, n)), T.broadcast(qmin, n))
+
+
+def _depthwise_neon(
+    geo: Geometry,
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+) -> tuple[Any, list[np.ndarray]]:
+    """NEON depthwise: activations widened to int16, one ``smlal`` (int16 x int16 scalar ->
+    int32, 4 lanes) per tap. No pairing trick pays on baseline NEON here (4 multiply-adds per
+    instruction, as ``fmla``); the gain over the fp32 conv is the 4x smaller activations and
+    staying in integers between the int8 layers. The first stage writes the padded image as
+    bytes; a stride-2 operand is the even lanes of an 8-byte load (``uzp1``)."""
+    from tvm.script import tirx as T
+
+    N, C, H, W = geo.n, geo.c, geo.h, geo.w
+    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
+    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
+    L = NEON_LANES
+    XV = min(2, -(-OW // L))
+    YT = min(4, OH)
+    TX = XV * L
+    NX = -(-OW // TX)
+    NY = -(-OH // YT)
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    RB = -(-(SW * NX * TX + (KW - 1) * DW + 2 * LANES) // LANES) * LANES
+    XB = N * C * HP * RB
+    NR, NT = N * C * HP, N * C * NY * NX
+    qmin, qmax = clamp
+    ZP = int(x_zero_point)
+    OUTV = f"{out_dtype}x{L}"
+    wq = np.ascontiguousarray(weight[:, 0].astype(np.int32))  # (C, KH, KW)
+    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
+    x_shape = (N, C, H, W)
+    out_shape = (N, C, OH, OW)
+
+    def operand(xb: Any, at: Any) -> Any:
+        """int32x4 of 4 output columns' inputs at byte ``at`` (column stride SW)."""
+        if SW == 1:
+            v = xb[T.ramp(at, 1, L)]
+        else:
+            v = T.Shuffle([xb[T.ramp(at, 1, SW * L)]], [SW * i for i in range(L)])
+        return T.cast(T.cast(v, f"int16x{L}"), f"int32x{L}")
+
+    @T.prim_func
+    def dwconv_neon(
+        x: T.Buffer(x_shape, x_dtype),
+        wq_: T.Buffer((C, KH, KW), "int32"),
+        ep_: T.Buffer((C, EP_COLS), "int32"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"global_symbol": "dwconv2d_int8", "tirx.noalias": True})
+        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        of = T.decl_buffer((N * C * OH * OW,), out_dtype, data=out.data)
+        xb = T.alloc_buffer((XB,), x_dtype)
+        for chunk in T.parallel(_chunks(NR)):
+            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                row = T.Bind(r % HP - PT)
+                src = T.Bind(r // HP * H * W + row * W)
+                base = T.Bind(r * RB)
+                for q in range(RB):
+                    if row >= 0 and row < H and q >= PL and q < PL + W:
+                        xb[base + q] = xf[src + q - PL]
+                    else:
+                        xb[base + q] = T.cast(ZP, x_dtype)
+        for chunk in T.parallel(_chunks(NT)):
+            acc = T.alloc_buffer((YT * XV * L,), "int32", scope="local")
+            res = T.alloc_buffer((L,), out_dtype, scope="local")
+            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                nc = T.Bind(t // (NY * NX))
+                c = T.Bind(nc % C)
+                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                x0 = T.Bind(t % NX * TX)
+                for i in T.unroll(YT * XV):
+                    acc[T.ramp(i * L, 1, L)] = T.broadcast(ep_[c, 0], L)
+                for ky in T.unroll(KH):
+                    for kx in T.unroll(KW):
+                        for yy in T.unroll(YT):
+                            for v in T.unroll(XV):
+                                acc[T.ramp((yy * XV + v) * L, 1, L)] = acc[
+                                    T.ramp((yy * XV + v) * L, 1, L)
+                                ] + operand(
+                                    xb,
+                                    (nc * HP + (y0 + yy) * SH + ky * DH) * RB
+                                    + SW * (x0 + v * L) + kx * DW,
+                                ) * T.broadcast(
+                                    T.cast(T.cast(wq_[c, ky, kx], "int16"), "int32"), L
+                                )  # fmt: skip
+                for yy in T.unroll(YT):
+                    for v in T.unroll(XV):
+                        res[T.ramp(0, 1, L)] = T.cast(
+                            _requant_vec4(
+                                T, acc[T.ramp((yy * XV + v) * L, 1, L)],
+                                ep_[c, 1], ep_[c, 2], ep_[c, 3], ep_[c, 4], ep_[c, 5],
+                                out_zero_point, qmin, qmax,
+                            ),
+                            OUTV,
+                        )  # fmt: skip
+                        ob_ = T.Bind((nc * OH + y0 + yy) * OW + x0 + v * L)
+                        if x0 + v * L + L <= OW:
+                            of[T.ramp(ob_, 1, L)] = res[T.ramp(0, 1, L)]
+                        else:
+                            for lane in range(L):
+                                if x0 + v * L + lane < OW:
+                                    of[ob_ + lane] = res[lane]
+
+    return _finish(dwconv_neon), [wq, ep]

@@ -1,0 +1,189 @@
+"""The int8 conv kernels of :mod:`bnfold.targets._int8`: built into a Relax module the way
+``bnfold.lower_int8`` calls them (``relax.call_tir`` with the constants as ``relax.const``),
+run on x86 (AVX2) and, under qemu, on aarch64 (NEON), and compared bit-exactly with
+:func:`reference_conv2d_int8`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bnfold.targets import _int8 as K
+
+tvm = pytest.importorskip("tvm")
+pytestmark = pytest.mark.tvm
+
+X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}  # AVX2, FMA
+
+
+def _module(func: Any, consts: list[np.ndarray], x: np.ndarray, out_shape: tuple[int, ...],
+            out_dtype: str) -> Any:  # fmt: skip
+    """A Relax module whose main is ``call_tir(func, [x, *relax.const(consts)])``."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(list(x.shape), str(x.dtype)))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            gv = bb.add_func(func, "conv2d_int8")
+            args = [xv] + [relax.const(a) for a in consts]
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out_shape), out_dtype)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(func: Any, consts: list[np.ndarray], x: np.ndarray, out_shape: tuple[int, ...],
+         out_dtype: str, target: Any) -> np.ndarray:  # fmt: skip
+    """Compile ``func`` inside a Relax module with bnfold's CPU pipeline and run it on x."""
+    from tvm import relax
+
+    from bnfold.targets import _schedule
+
+    mod = _module(func, consts, x, out_shape, out_dtype)
+    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _case(c: int, o: int, hw: tuple[int, int], k: int, s: int, pad: int, groups: int = 1,
+          x_dtype: str = "uint8", out_dtype: str = "uint8", shifts: tuple[int, int] = (36, 44),
+          clamp: tuple[int, int] | None = None, dilation: int = 1, n: int = 1,
+          seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    lo, hi = K._DTYPES[x_dtype]
+    x = rng.integers(lo, hi + 1, (n, c, *hw)).astype(x_dtype)
+    w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
+    zp = int(rng.integers(lo, hi + 1))
+    bias = rng.integers(-(2**14), 2**14, o) - zp * w.astype(np.int64).sum(axis=(1, 2, 3))
+    qlo, qhi = K._DTYPES[out_dtype]
+    return {
+        "x": x,
+        "x_zero_point": zp,
+        "weight": w,
+        "bias": bias.astype(np.int32),
+        "strides": (s, s),
+        "padding": (pad, pad, pad, pad),
+        "dilation": (dilation, dilation),
+        "groups": groups,
+        "multiplier": rng.integers(2**30, 2**31, o).astype(np.int32),
+        "shift": rng.integers(shifts[0], shifts[1] + 1, o).astype(np.int32),
+        "out_zero_point": int(rng.integers(qlo, qhi + 1)),
+        "out_dtype": out_dtype,
+        "clamp": clamp or (qlo, qhi),
+    }
+
+
+CASES = {
+    "1x1": dict(c=64, o=48, hw=(14, 14), k=1, s=1, pad=0),
+    "1x1 odd C/O 7x7 int8": dict(c=17, o=13, hw=(7, 7), k=1, s=1, pad=0, x_dtype="int8",
+                                 out_dtype="int8"),
+    "1x1 stride 2": dict(c=32, o=24, hw=(13, 13), k=1, s=2, pad=0),
+    "3x3 s1 p1": dict(c=16, o=24, hw=(14, 14), k=3, s=1, pad=1),
+    "3x3 s1 p1 7x7 odd C": dict(c=33, o=40, hw=(7, 7), k=3, s=1, pad=1, out_dtype="int8"),
+    "3x3 s2 p1 int8": dict(c=15, o=9, hw=(9, 11), k=3, s=2, pad=1, x_dtype="int8"),
+    "7x7 s2 p3 C=3": dict(c=3, o=16, hw=(20, 20), k=7, s=2, pad=3),
+    "3x3 s1 C=3 int8, O=10": dict(c=3, o=10, hw=(13, 10), k=3, s=1, pad=1, x_dtype="int8"),
+    "5x5 s2 C=1": dict(c=1, o=8, hw=(15, 17), k=5, s=2, pad=2, out_dtype="int8"),
+    "shift > 31, relu6 clamp": dict(c=24, o=16, hw=(10, 10), k=3, s=1, pad=1, shifts=(30, 62),
+                                    clamp=(7, 200)),
+    "small shift": dict(c=8, o=8, hw=(6, 6), k=1, s=1, pad=0, shifts=(1, 12)),
+    "depthwise 3x3 s1": dict(c=32, o=32, hw=(28, 28), k=3, s=1, pad=1, groups=32),
+    "depthwise 3x3 s2 int8 odd": dict(c=13, o=13, hw=(9, 11), k=3, s=2, pad=1, groups=13,
+                                      x_dtype="int8", out_dtype="int8"),
+    "depthwise 3x3 s1 7x7": dict(c=24, o=24, hw=(7, 7), k=3, s=1, pad=1, groups=24,
+                                 shifts=(20, 62), clamp=(0, 6)),
+    "depthwise 5x5 s2": dict(c=8, o=8, hw=(10, 10), k=5, s=2, pad=2, groups=8),
+    "depthwise 3x3 dilation 2": dict(c=16, o=16, hw=(12, 13), k=3, s=1, pad=2, groups=16,
+                                     dilation=2, x_dtype="int8"),
+    "3x3 dilation 2 s2": dict(c=8, o=16, hw=(11, 11), k=3, s=2, pad=2, dilation=2),
+    "batch 2 3x3": dict(c=16, o=16, hw=(9, 9), k=3, s=1, pad=1, n=2),
+    "batch 2 1x1": dict(c=6, o=10, hw=(5, 7), k=1, s=1, pad=0, n=2),
+    "batch 2 depthwise": dict(c=8, o=8, hw=(9, 9), k=3, s=2, pad=1, groups=8, n=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv_is_bit_exact(name: str) -> None:
+    args = _case(**CASES[name])
+    x = args.pop("x")
+    ref = K.reference_conv2d_int8(x, **args)
+    target = tvm.target.Target(X86)
+    got = K.conv2d_int8(x.shape, str(x.dtype), target=target, **args)
+    assert got is not None, "the kernel declined a supported case"
+    func, consts = got
+    assert all(a.dtype == np.int32 for a in consts)  # relax.const narrows int64 arrays
+    y = _run(func, consts, x, ref.shape, args["out_dtype"], target)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_requantize_saturates_and_rounds_like_the_reference() -> None:
+    # Accumulators far outside the output range and exact .5 ties.
+    for m, s, zp, q in [(2**30, 31, 0, (0, 255)), (2**31 - 1, 62, -3, (-128, 127)),
+                        (1518500250, 40, 128, (0, 255)), (2**30, 1, 0, (-128, 127))]:  # fmt: skip
+        lo, hi = K.acc_bounds(m, s, zp, *q)
+        for a in (K.INT32_MIN, lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, K.INT32_MAX):
+            if not K.INT32_MIN <= a <= K.INT32_MAX:
+                continue
+            exact = min(max(K._requant(a, m, s, zp), q[0]), q[1])
+            clamped = min(max(K._requant(min(max(a, lo), hi), m, s, zp), q[0]), q[1])
+            assert exact == clamped
+
+
+def test_unsupported_cases_return_none() -> None:
+    target = tvm.target.Target(X86)
+    args = _case(c=8, o=8, hw=(6, 6), k=3, s=1, pad=1)
+    x = args.pop("x")
+    grouped = dict(args, groups=2, weight=args["weight"][:, :4])
+    assert K.conv2d_int8(x.shape, "uint8", target=target, **grouped) is None
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    multiplier = dict(args, groups=4, weight=np.repeat(args["weight"][:4, :1], 2, axis=0))
+    assert K.conv2d_int8(x.shape, "uint8", target=target, **multiplier) is None  # 2 per channel
+    assert K.conv2d_int8(x.shape, "uint8", target=arm, **multiplier) is None
+    w128 = args["weight"].copy()
+    w128[0, 0, 0, 0] = -128  # the NEON int16 pair sums need |w| <= 127
+    assert K.conv2d_int8(x.shape, "uint8", target=arm, **dict(args, weight=w128)) is None
+    assert K.conv2d_int8(x.shape, "uint8", target=tvm.target.Target(X86), **dict(args, weight=w128))
+    sse = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
+    assert K.conv2d_int8(x.shape, "uint8", target=sse, **args) is None
+
+
+ARM_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "3x3 s1 p1 7x7 odd C", "3x3 s2 p1 int8",
+             "shift > 31, relu6 clamp", "batch 2 1x1", "depthwise 3x3 s1 7x7",
+             "depthwise 3x3 s2 int8 odd", "depthwise 5x5 s2"]  # fmt: skip
+
+
+@pytest.mark.qemu
+def test_neon_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
+    from bnfold import runtime
+    from bnfold.targets import _schedule, get
+
+    arm64 = get("arm64")
+    if not arm64.can_run():
+        pytest.skip(arm64.can_run().why)
+    target = tvm.target.Target(arm64.tvm_target())
+    runner = runtime.aarch64_runner()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(runner / "lib")}
+    for name in ARM_CASES:
+        args = _case(**CASES[name])
+        x = args.pop("x")
+        ref = K.reference_conv2d_int8(x, **args)
+        got = K.conv2d_int8(x.shape, str(x.dtype), target=target, **args)
+        assert got is not None, name
+        func, consts = got
+        mod = _module(func, consts, x, ref.shape, args["out_dtype"])
+        ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+        lib = tmp_path / "conv.so"
+        ex.export_library(str(lib), fcompile=tvm.support.cc.cross_compiler(arm64.cross_compiler))
+        runtime.write_tensors(tmp_path / "in.bnt", [x])
+        subprocess.run([runtime.QEMU, "-L", runtime.AARCH64_SYSROOT, str(runner / "runner"),
+                        str(lib), str(tmp_path / "in.bnt"), str(tmp_path / "out.bnt")],
+                       check=True, env=env, timeout=300)  # fmt: skip
+        (y,) = runtime.read_tensors(tmp_path / "out.bnt")
+        np.testing.assert_array_equal(y, ref, err_msg=name)

@@ -1,0 +1,252 @@
+"""Integer compute for QDQ models (bnfold.lower_int8): the Relax rewrite, the fixed-point
+requantize, activation dropping, the layer-by-layer check, and ``compile --int8``.
+
+Small fp32 models are written as onnx.parser text, quantized by bnfold (per-channel or
+per-tensor, uint8 or int8 activations, with and without CLE), compiled for x86, and every
+quantized tensor is compared with onnxruntime's on the same layer inputs (<= 1 LSB).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from click.testing import CliRunner
+
+from bnfold import lower, lower_int8
+from bnfold.check import run_onnxruntime
+from bnfold.cli import cli
+from bnfold.errors import CheckFailed
+from bnfold.quantize import quantize
+
+pytest.importorskip("tvm")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.tvm
+
+
+def _vals(rng: np.random.Generator, *shape: int, scale: float = 0.3) -> str:
+    return ", ".join(f"{v:.5f}" for v in rng.normal(0, scale, shape).ravel())
+
+
+def _conv_model(
+    rng: np.random.Generator, *, c: int = 4, o: int = 8, k: int = 3, stride: int = 1,
+    pad: int = 1, groups: int = 1, bias: bool = True, act: str = "Relu", hw: int = 12,
+) -> onnx.ModelProto:  # fmt: skip
+    """x -> Conv -> act -> Conv 1x1 -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Relu
+    -> Gemm: conv groups with every activation kind, a matmul group, a float output."""
+    ci = c // groups
+    out_hw = (hw + 2 * pad - k) // stride + 1
+    del out_hw
+    b = f", float[{o}] b1 = {{{_vals(rng, o)}}}" if bias else ""
+    bias_in = ", b1" if bias else ""
+    acts = {
+        "Relu": "a = Relu (c1)",
+        "Clip": "a = Clip (c1, lo, hi)",
+        "none": "a = Identity (c1)",
+    }
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,{c},{hw},{hw}] x) => (float[1,5] y) <
+        float[{o},{ci},{k},{k}] w1 = {{{_vals(rng, o, ci, k, k)}}}{b},
+        float[16,{o},1,1] w2 = {{{_vals(rng, 16, o, 1, 1)}}}, float[16] b2 = {{{_vals(rng, 16)}}},
+        float[16,12] f1 = {{{_vals(rng, 16, 12)}}}, float[12] fb1 = {{{_vals(rng, 12)}}},
+        float[5,12] f2 = {{{_vals(rng, 5, 12)}}}, float lo = {{0.0}}, float hi = {{1.5}}
+    > {{
+        c1 = Conv <pads = [{pad}, {pad}, {pad}, {pad}], strides = [{stride}, {stride}],
+                   group = {groups}> (x, w1{bias_in})
+        {acts[act]}
+        c2 = Conv (a, w2, b2)
+        r2 = Relu (c2)
+        p = GlobalAveragePool (r2)
+        f = Flatten (p)
+        m = MatMul (f, f1)
+        mb = Add (m, fb1)
+        r3 = Relu (mb)
+        y = Gemm <transB = 1> (r3, f2)
+    }}
+    """
+    model = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _calib(rng: np.random.Generator, model: onnx.ModelProto, n: int = 12) -> list[dict]:
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return [{"x": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(n)]
+
+
+CASES = {
+    "conv3x3-relu": {},
+    "conv3x3-stride2-nobias": {"stride": 2, "bias": False},
+    "conv-clip": {"act": "Clip"},
+    "conv-noact": {"act": "none"},
+    "depthwise": {"c": 8, "o": 8, "groups": 8},
+    "conv1x1-odd-channels": {"c": 5, "o": 7, "k": 1, "pad": 0, "hw": 7},
+    "conv5x5-pad2": {"k": 5, "pad": 2, "hw": 9},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("quant", ["per-channel-uint8", "per-tensor-int8-nocle"], ids=lambda q: q)
+def test_integer_layers_match_onnxruntime(case: str, quant: str, tmp_path: Path) -> None:
+    rng = np.random.default_rng(sorted(CASES).index(case))
+    model = _conv_model(rng, **CASES[case])
+    opts = (
+        {"per_channel": True, "activation_type": "uint8", "cle": True}
+        if quant.startswith("per-channel")
+        else {"per_channel": False, "activation_type": "int8", "cle": False}
+    )
+    int8, _ = quantize(model, _calib(rng, model), **opts)
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    m = lower.compile_model(path, "x86", tmp_path / "out", fold=False)
+    info, v = m.compile["int8"], m.verification
+    # Two convs and the MatMul + bias (its output is quantized for the next Gemm) are
+    # integer; the last Gemm feeds the float graph output and stays float.
+    assert info["integer_groups"] == 3, info
+    assert v["status"] == "passed" and v["max_lsb"] <= 1, v
+    assert v["tensors"] == len(lower_int8.quantized_tensors(int8))
+    # End to end the artifact still computes the model (small models: few compounding flips).
+    assert v["end_to_end"]["result"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_relax_fallback_without_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the target has no int8 kernel, Relax integer ops (scheduled by bnfold's rules)
+    compute the same thing."""
+    from bnfold.targets import _int8
+
+    monkeypatch.setattr(_int8, "conv2d_int8", lambda *a, **k: None)
+    rng = np.random.default_rng(7)
+    model = _conv_model(rng, act="Clip")
+    int8, _ = quantize(model, _calib(rng, model))
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    m = lower.compile_model(path, "x86", tmp_path / "out", fold=False)
+    assert m.compile["int8"]["kernel_groups"] == 0
+    assert m.compile["int8"]["integer_groups"] == 3
+    assert m.verification["status"] == "passed" and m.verification["max_lsb"] <= 1
+
+
+def test_layerwise_gate_catches_a_wrong_requantize(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 3% error in the requantize multiplier must fail the 1-LSB gate (exit code 1)."""
+    real = lower_int8.requant_params
+
+    def skewed(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return real(np.asarray(scale) * 1.03)
+
+    monkeypatch.setattr(lower_int8, "requant_params", skewed)
+    rng = np.random.default_rng(3)
+    model = _conv_model(rng)
+    int8, _ = quantize(model, _calib(rng, model))
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    with pytest.raises(CheckFailed, match="quantization steps"):
+        lower.compile_model(path, "x86", tmp_path / "out", fold=False)
+    manifest = json.loads((tmp_path / "out" / lower.MANIFEST).read_text())
+    assert manifest["verification"]["status"] == "failed"
+    assert manifest["verification"]["max_lsb"] > 1
+
+
+def test_float_fake_quant_when_integer_is_off(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    model = _conv_model(rng)
+    int8, _ = quantize(model, _calib(rng, model))
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    m = lower.compile_model(path, "x86", tmp_path / "out", fold=False, integer=False,
+                            rtol=0.05)  # fmt: skip
+    assert m.compile["int8"] == {"integer": False, "why": "--no-integer"}
+    assert m.verification["status"] == "passed"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_requant_params_are_a_31_bit_fixed_point(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.uniform(np.log(1e-9), np.log(0.9), 64))
+    mult, shift = lower_int8.requant_params(scale)
+    assert np.all((mult >= 2**30) & (mult < 2**31)) and np.all(shift >= 1)
+    approx = mult.astype(np.float64) * 2.0 ** (-shift.astype(np.float64))
+    assert np.max(np.abs(approx / scale - 1)) < 2**-30
+    acc = rng.integers(-(2**20), 2**20, (1, 64, 3, 3)).astype(np.int32)
+    got = lower_int8.requantize_reference(acc, mult, shift, 3, (0, 255), "uint8")
+    exact = np.clip(np.floor(acc * scale.reshape(1, -1, 1, 1) + 0.5) + 3, 0, 255)
+    assert np.max(np.abs(got.astype(np.int64) - exact)) <= 1
+
+
+def test_requant_params_edge_cases() -> None:
+    mult, shift = lower_int8.requant_params(np.array([0.0, 1e-30, 0.5, 0.75]))
+    assert list(mult[:2]) == [0, 0] and list(shift[:2]) == [1, 1]
+    assert list(mult[2:]) == [2**30, 3 * 2**29] and list(shift[2:]) == [31, 31]
+    with pytest.raises(ValueError, match="too large"):
+        lower_int8.requant_params(np.array([2.0**31]))
+    with pytest.raises(ValueError, match="finite"):
+        lower_int8.requant_params(np.array([np.nan]))
+
+
+def test_drop_implied_activations_is_exact() -> None:
+    rng = np.random.default_rng(5)
+    model = _conv_model(rng, act="Clip")
+    int8, _ = quantize(model, _calib(rng, model))
+    dropped, n = lower_int8.drop_implied_activations(int8)
+    assert n >= 2  # the Relus after Conv 2 and MatMul, at least
+    onnx.checker.check_model(dropped)
+    before = [n.op_type for n in int8.graph.node].count("Relu")
+    assert [n.op_type for n in dropped.graph.node].count("Relu") < before
+    exposed_a = lower_int8.with_quantized_outputs(int8)
+    exposed_b = lower_int8.with_quantized_outputs(dropped)
+    for feeds in _calib(rng, model, 4):
+        feeds = {"x": feeds["x"] * 3}  # beyond the calibrated range: saturation matters
+        a, b = run_onnxruntime(exposed_a, feeds), run_onnxruntime(exposed_b, feeds)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_drop_keeps_activations_the_quantization_does_not_imply() -> None:
+    """A Clip whose upper bound is inside the quantized range must stay."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,4] x) => (uint8[1,4] q) <float lo = {0.0}, float hi = {1.0},
+                                        float s = {0.01}, uint8 z = {0}> {
+        c = Clip (x, lo, hi)
+        q = QuantizeLinear (c, s, z)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    out, n = lower_int8.drop_implied_activations(model)
+    assert n == 0 and [x.op_type for x in out.graph.node] == ["Clip", "QuantizeLinear"]
+    # hi = 2.55 is exactly the top of the uint8 range at scale 0.01: implied.
+    implied = onnx.parser.parse_model(text.replace("hi = {1.0}", "hi = {2.55}"))
+    out, n = lower_int8.drop_implied_activations(implied)
+    assert n == 1 and [x.op_type for x in out.graph.node] == ["QuantizeLinear"]
+
+
+def test_compile_int8_cli(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    model = _conv_model(rng)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.concatenate([f["x"] for f in _calib(rng, model, 16)]))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        cli, ["compile", str(src), "--int8", "--calib", str(calib), "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "in integer arithmetic" in res.output and "PASS: every quantized tensor" in res.output
+    for name in ("model.int8.onnx", "quant_report.json", "sqnr.png", "model.so"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / lower.MANIFEST).read_text())
+    assert manifest["compile"]["int8"]["integer_groups"] == 3
+    assert manifest["source"]["path"].endswith("model.int8.onnx")
+    assert not list(out.glob(".layerwise-*"))  # the check's scratch build is gone
+
+
+def test_compile_calib_without_int8_is_a_usage_error(tmp_path: Path) -> None:
+    res = CliRunner().invoke(cli, ["compile", "m.onnx", "--calib", "c.npz", "-o", str(tmp_path)])
+    assert res.exit_code == 2 and "--int8" in res.output
