@@ -1,10 +1,12 @@
 """Per-layer latency of bnfold's int8 conv kernels (:mod:`bnfold.targets._int8`) vs fp32.
 
-For real MobileNetV2 and ResNet-18 layer shapes (batch 1): the int8 kernel (conv + requantize,
-uint8 in and out) against the fp32 conv + bias + relu of the same shape compiled with bnfold's
-CPU rules (``targets._schedule.cpu_pipeline``), and onnxruntime's fp32 Conv + Relu, all at one
-thread (``--threads``). Medians of ``--repeat`` timings, the three sampled round-robin (the
-machine may be shared: all three see the same load); the load average is printed too.
+For real MobileNetV2 and ResNet-18 layer shapes (batch 1): the int8 kernels (conv +
+requantize, uint8 in and out) against the fp32 conv + bias + relu of the same shape compiled
+with bnfold's CPU rules (``targets._schedule.cpu_pipeline``), and onnxruntime's fp32 Conv + Relu,
+all at one thread (``--threads``). On a CPU with AVX-512 VNNI the dense convs are timed twice:
+the VNNI kernel (``vnni``, the default there) and the AVX2 kernel (``avx2``) for the same
+target; elsewhere the ``vnni`` column is empty. Medians of ``--repeat`` timings, all sampled
+round-robin (the machine may be shared: all see the same load); the load average is printed.
 
     python -m benchmarks.int8_kernels [--threads 1] [--repeat 15] [--only mbv2|r18]
 """
@@ -88,8 +90,10 @@ def _vm_runner(mod: Any, target: Any, inputs: list[np.ndarray]) -> Any:
     return lambda: vm.invoke_stateful("main")
 
 
-def int8_runner(layer: tuple, target: Any, rng: np.random.Generator) -> Any | None:
-    """The int8 kernel of one layer in a Relax module (call_tir), or None if it declines."""
+def int8_runner(layer: tuple, target: Any, rng: np.random.Generator,
+                isa: str | None = None) -> Any | None:  # fmt: skip
+    """The int8 kernel of one layer in a Relax module (call_tir), or None if it declines.
+    ``isa``: the x86 dense kernel (see :func:`bnfold.targets._int8.conv2d_int8`)."""
     from tvm import relax
 
     from bnfold.targets import _int8
@@ -102,7 +106,7 @@ def int8_runner(layer: tuple, target: Any, rng: np.random.Generator) -> Any | No
     got = _int8.conv2d_int8(
         x.shape, "uint8", zp, wt, bias, (s, s), (p, p, p, p), (1, 1), g,
         rng.integers(2**30, 2**31, o).astype(np.int32), np.full(o, 40, np.int32),
-        0, "uint8", (0, 255), target,
+        0, "uint8", (0, 255), target, isa=isa,
     )  # fmt: skip
     if got is None:
         return None
@@ -174,13 +178,18 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     from bnfold import runtime
+    from bnfold.targets import _int8
 
     runtime.set_threads(args.threads)
     target = _target()
-    print(f"target {target}  threads {args.threads}  load {os.getloadavg()[0]:.2f}")
-    print(f"{'layer':24s} {'MMAC':>7s} {'int8 ms':>8s} {'fp32 ms':>8s} {'ort32 ms':>8s} "
-          f"{'i8/fp32':>7s} {'i8/ort':>7s} {'i8 GMAC/s':>9s}")  # fmt: skip
-    totals = {"mbv2": [0.0, 0.0, 0.0], "r18": [0.0, 0.0, 0.0]}
+    vnni = _int8.supports_vnni(target)
+    print(f"target {target}  threads {args.threads}  vnni {vnni}  "
+          f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print(f"{'layer':24s} {'MMAC':>7s} {'vnni ms':>8s} {'avx2 ms':>8s} {'fp32 ms':>8s} "
+          f"{'ort32 ms':>8s} {'avx2/vn':>7s} {'i8/fp32':>7s} {'i8/ort':>7s} "
+          f"{'i8 GMAC/s':>9s}")  # fmt: skip
+    nan = float("nan")
+    totals = {"mbv2": [0.0] * 4, "r18": [0.0] * 4}
     for layer in LAYERS:
         name, c, o, h, w, k, s, p, g = layer
         if args.only not in name:
@@ -188,25 +197,28 @@ def main() -> None:
         rng = np.random.default_rng(0)
         oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         mmac = o * (c // g) * k * k * oh * ow / 1e6
-        run8 = int8_runner(layer, target, rng)
-        run32 = fp32_runner(layer, target, rng)
-        runort = ort_runner(layer, args.threads, rng)
-        if run8 is None:
-            t32, tort = _medians_ms([run32, runort], args.repeat)
-            t8 = float("nan")
-        else:
-            t8, t32, tort = _medians_ms([run8, run32, runort], args.repeat)
+        # Depthwise convs have one kernel (AVX2): it is timed once, in the avx2 column.
+        run_v = int8_runner(layer, target, rng, "vnni") if vnni and g == 1 else None
+        run_a = int8_runner(layer, target, np.random.default_rng(0), "avx2")
+        runs = [r for r in (run_v, run_a) if r is not None]
+        runs += [fp32_runner(layer, target, rng), ort_runner(layer, args.threads, rng)]
+        got = _medians_ms(runs, args.repeat)
+        t32, tort = got[-2:]
+        tv = got[0] if run_v is not None else nan
+        ta = got[len(runs) - 3] if run_a is not None else nan
+        t8 = tv if run_v is not None else ta  # what the compiler uses on this target
         for key, tot in totals.items():
             if name.startswith(key):
-                tot[0] += t8
-                tot[1] += t32
-                tot[2] += tort
-        print(f"{name:24s} {mmac:7.1f} {t8:8.3f} {t32:8.3f} {tort:8.3f} {t8 / t32:7.2f} "
-              f"{t8 / tort:7.2f} {mmac / t8:9.1f}", flush=True)  # fmt: skip
-    for key, (t8, t32, tort) in totals.items():
+                for i, t in enumerate((t8, ta, t32, tort)):
+                    tot[i] += t
+        print(f"{name:24s} {mmac:7.1f} {tv:8.3f} {ta:8.3f} {t32:8.3f} {tort:8.3f} "
+              f"{ta / t8:7.2f} {t8 / t32:7.2f} {t8 / tort:7.2f} {mmac / t8:9.1f}",
+              flush=True)  # fmt: skip
+    print("totals: int8 = the kernel the compiler picks (vnni where it has one)")
+    for key, (t8, ta, t32, tort) in totals.items():
         if t32:
-            print(f"{key + ' (these layers)':24s} {'':7s} {t8:8.3f} {t32:8.3f} {tort:8.3f} "
-                  f"{t8 / t32:7.2f} {t8 / tort:7.2f}")  # fmt: skip
+            print(f"{key + ' (these layers)':24s} {'':7s} {t8:8.3f} {ta:8.3f} {t32:8.3f} "
+                  f"{tort:8.3f} {ta / t8:7.2f} {t8 / t32:7.2f} {t8 / tort:7.2f}")  # fmt: skip
     print(f"load {os.getloadavg()[0]:.2f}")
 
 

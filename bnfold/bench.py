@@ -213,6 +213,8 @@ def bench(
         s["ratio_to_ort"] = s["p50_ms"] / base
     return {
         "model": manifest["source"]["path"],
+        # An int8 build: the "original" is the QDQ model, so "ort" is onnxruntime's int8.
+        "int8": bool((manifest.get("compile") or {}).get("int8")),
         "original_used": not note,
         "note": note,
         "target": manifest["target"]["spec"],
@@ -233,7 +235,8 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"note: {result['note']}")
     lines.append(f"{'engine':<42} {'p50 ms':>9} {'p90 ms':>9} {'min ms':>9} {'/ort':>6}")
     for k, s in result["engines"].items():
-        lines.append(f"{LABELS[k]:<42} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} "
+        label = LABELS[k].replace("(original)", "(QDQ int8)") if result.get("int8") else LABELS[k]
+        lines.append(f"{label:<42} {s['p50_ms']:>9.3f} {s['p90_ms']:>9.3f} "
                      f"{s['min_ms']:>9.3f} {s['ratio_to_ort']:>6.2f}")  # fmt: skip
     return "\n".join(lines)
 

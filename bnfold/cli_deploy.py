@@ -51,6 +51,9 @@ from bnfold.errors import BnfoldError, CheckFailed
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the result as JSON.",
 )
+@click.option("--max-lsb", type=click.IntRange(min=0), default=1, show_default=True,
+              help="int8 artifacts: the gate, every quantized tensor within this many "
+                   "quantization steps of onnxruntime's, layer by layer (as in compile).")
 @tolerance_options(atol=0.0, rtol=1e-4, what="the gate")
 def deploy_cmd(
     outdir: Path,
@@ -61,6 +64,7 @@ def deploy_cmd(
     repeat: int,
     warmup: int,
     json_out: Path | None,
+    max_lsb: int,
     atol: float,
     rtol: float,
 ) -> None:
@@ -86,6 +90,7 @@ def deploy_cmd(
         rtol=rtol,
         warmup=warmup,
         repeat=repeat,
+        max_lsb=max_lsb,
     )
     ref = "the original model" if not result.reference_note else "model.folded.onnx"
     click.echo(
@@ -95,6 +100,11 @@ def deploy_cmd(
     )
     if result.reference_note:
         click.echo(f"note: {result.reference_note}")
+    lw = result.layerwise
+    if lw is not None:
+        click.echo(f"int8, layer by layer on the device (first input): {lw['tensors']} quantized "
+                   f"tensors, max difference {lw['max_lsb']} LSB ({lw['worst']})")  # fmt: skip
+        ref += " (end to end; not gated for int8: rounding differences compound)"
     click.echo(f"device outputs vs {ref} in onnxruntime on this host, inputs {result.inputs}:")
     click.echo(result.table)
     lat = result.latency_ms
@@ -105,6 +115,9 @@ def deploy_cmd(
     if json_out is not None:
         atomic.write_json(json_out, result.to_dict())
     click.echo("PASS" if result.passed else "FAIL")
+    if not result.passed and lw is not None:
+        raise CheckFailed(f"int8 device outputs differ from onnxruntime by up to {lw['max_lsb']} "
+                          f"quantization steps in {lw['worst']} (gate {max_lsb})")  # fmt: skip
     if not result.passed:
         raise CheckFailed(
             f"device outputs differ: worst max_abs/max|ref| = "

@@ -15,6 +15,7 @@ Serve on loopback, or on an isolated network, behind a tracker whose key only yo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import statistics
@@ -70,6 +71,8 @@ class DeployResult:
     run_s: float  # the check run(s): every input slice once
     metrics: dict[str, Any]
     samples: int = 1  # input slices of the compiled shapes that were run and checked
+    # int8 artifacts: the layer-by-layer check (the gate), run on the device too.
+    layerwise: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -193,6 +196,14 @@ def _flatten(value: Any) -> list[Any]:
     return [t for item in value for t in _flatten(item)]
 
 
+def _run(vm: Any, args: list[Any]) -> list[np.ndarray]:
+    """``vm["main"](*args)`` as numpy arrays. Through the stateful interface: a tuple result
+    of a remote VM comes back as an opaque handle, its fields only one by one."""
+    vm.set_input("main", *args)
+    vm.invoke_stateful("main")
+    return [t.numpy() for t in _flatten(vm.get_outputs("main"))]
+
+
 def latency_stats(seconds: list[float]) -> dict[str, float]:
     """p50 / p90 / min / max / mean in ms of per-run times given in seconds."""
     ms = sorted(s * 1e3 for s in seconds)
@@ -219,6 +230,7 @@ def deploy(
     repeat: int = 20,
     number: int = 1,
     session_timeout: float = 0,
+    max_lsb: int = 1,
 ) -> DeployResult:
     """Upload, load, run, check and time the artifact in ``outdir`` on an RPC device.
 
@@ -235,6 +247,10 @@ def deploy(
         repeat: Timed measurements (each the mean of ``number`` runs) for p50/p90/min.
         number: Runs per measurement.
         session_timeout: Seconds after which the server may end the session (0: never).
+        max_lsb: int8 artifacts (compiled from a QDQ model in integer arithmetic): the gate is
+            compile's layer-by-layer check, run on the device with its ``layerwise`` build:
+            every quantized tensor within ``max_lsb`` steps of onnxruntime's on the same layer
+            inputs (the end-to-end comparison is reported, not gated, as in ``compile``).
 
     Raises:
         BnfoldError: Bad folder or inputs, server unreachable, artifact cannot load there.
@@ -271,7 +287,7 @@ def deploy(
         runs = []
         for feeds in slices:
             args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
-            runs.append([t.numpy() for t in _flatten(vm["main"](*args))])
+            runs.append(_run(vm, args))
         t3 = time.perf_counter()
         args = [tvm.runtime.tensor(slices[0][s["name"]], dev) for s in manifest["inputs"]]
     except BnfoldError:
@@ -288,6 +304,12 @@ def deploy(
     refs = [check.run_onnxruntime(ref_path, feeds) for feeds in slices]
     ref = {k: np.concatenate([r[k] for r in refs], axis=0) if len(refs) > 1 else refs[0][k]
            for k in refs[0]}  # fmt: skip
+    int8 = (manifest.get("compile") or {}).get("int8") or {}
+    layerwise = None
+    if int8.get("layerwise"):
+        layerwise = _layerwise_on_device(remote, out / int8["layerwise"], ref_path, slices[0],
+                                         max_lsb)  # fmt: skip
+        atol, rtol = float("inf"), 0.0  # end to end is reported, not gated (see max_lsb)
     result = check.compare_outputs(ref, got, atol, rtol)
     result.samples = len(slices)
 
@@ -301,6 +323,11 @@ def deploy(
             with_remove(remote_name)
         except Exception:  # the server may keep its temp folder; not worth failing over
             logger.debug("could not remove %s on the device", remote_name)
+    # End the RPC session now: a server serves one session at a time, and the VM's stateful
+    # calls leave a reference cycle that would keep this one open until the next gc run, so a
+    # second deploy from this process would wait forever.
+    del remote, vm, lib, args, timer, with_remove
+    gc.collect()
     logger.info("deploy %s: %s, p50 %.3f ms", manifest["target"]["spec"],
                 "PASS" if result.passed else "FAIL", latency["p50"])  # fmt: skip
     return DeployResult(
@@ -310,7 +337,7 @@ def deploy(
         reference=str(ref_path),
         reference_note=note,
         inputs=how,
-        passed=result.passed,
+        passed=result.passed if layerwise is None else layerwise["status"] == "passed",
         worst_ratio=result.worst_ratio,
         table=result.table(),
         latency_ms=latency,
@@ -319,7 +346,41 @@ def deploy(
         run_s=round(t3 - t2, 3),
         metrics=result.to_dict(),
         samples=len(slices),
+        layerwise=layerwise,
     )
+
+
+def _layerwise_on_device(
+    remote: Any, lw_dir: Path, reference: Path, sample: dict[str, np.ndarray], max_lsb: int
+) -> dict[str, Any]:
+    """Run an int8 artifact's layer-by-layer build on the device with onnxruntime's layer
+    inputs (computed here on ``sample``), and compare: :func:`bnfold.lower_int8.layerwise_record`.
+    """
+    import onnx
+    import tvm
+
+    from bnfold import lower_int8
+    from bnfold.runtime import read_manifest
+
+    lw = read_manifest(lw_dir)
+    library = lw_dir / lw["artifact"]["files"]["library"]
+    if not library.is_file():
+        raise BnfoldError(f"{library}: missing (the int8 layer-by-layer build)")
+    values, cut_feeds = lower_int8.layer_inputs(onnx.load(str(reference)), sample)
+    feeds = {**sample, **cut_feeds}
+    try:
+        name = f"bnfold-{os.getpid()}-{int(time.time() * 1e3)}-layerwise-{library.name}"
+        remote.upload(str(library), name)
+        dev = remote.cpu()
+        vm = tvm.relax.VirtualMachine(remote.load_module(name), dev)
+        args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in lw["inputs"]]
+        outs = _run(vm, args)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise BnfoldError(f"running the layer-by-layer build on the RPC device failed: "
+                          f"{msg[-1] if msg else repr(e)}") from None  # fmt: skip
+    got = dict(zip([o["name"] for o in lw["outputs"]], outs, strict=True))
+    return lower_int8.layerwise_record(values, got, max_lsb)
 
 
 def serve(

@@ -629,3 +629,35 @@ def lsb_diffs(
         diff = np.abs(ref.astype(np.int64) - got.astype(np.int64))
         result[name] = {"max_lsb": int(diff.max(initial=0)), "off": float(np.mean(diff > 0))}
     return result
+
+
+def layer_inputs(
+    model: onnx.ModelProto, sample: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """onnxruntime's quantized tensors of ``model`` on ``sample`` (optimizations off), and the
+    feeds of the cut model (:func:`cut_at_quantized`) that give each layer those inputs."""
+    from bnfold import check
+
+    names = list(quantized_tensors(model))
+    ran = check.run_onnxruntime(with_quantized_outputs(model), sample)
+    values = {k: ran[k] for k in names}
+    return values, cut_at_quantized(model, values)[1]
+
+
+def layerwise_record(
+    values: dict[str, np.ndarray], got: dict[str, np.ndarray], max_lsb: int
+) -> dict[str, Any]:
+    """The layer-by-layer gate: every quantized tensor in ``got`` within ``max_lsb``
+    quantization steps of onnxruntime's ``values``."""
+    diffs = lsb_diffs(values, {k: got[k] for k in values})
+    worst = max(diffs, key=lambda k: (diffs[k]["max_lsb"], diffs[k]["off"]))
+    return {
+        "status": "passed" if diffs[worst]["max_lsb"] <= max_lsb else "failed",
+        "gate": f"every quantized tensor within {max_lsb} LSB of onnxruntime, layer by layer",
+        "max_lsb": diffs[worst]["max_lsb"],
+        "worst": worst,
+        "tensors": len(diffs),
+        "tensors_off_by_one": sum(d["max_lsb"] == 1 for d in diffs.values()),
+        "max_off_fraction": max(d["off"] for d in diffs.values()),
+        "layers": diffs,
+    }

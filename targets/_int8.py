@@ -35,6 +35,18 @@ words (``vpbroadcastd``: the same channel pair for every column), so that ``vpma
 lane ``i`` is ``x[2p, col_i] * w[o, 2p] + x[2p+1, col_i] * w[o, 2p+1]``. A 1x1 stride-1 unpadded
 conv is computed as one long row of ``H * W`` pixels.
 
+AVX-512 VNNI (the target's CPU has ``avx512vnni``, ``avx512bw`` and ``avx512vl``: ``znver4``,
+``icelake-server``, ``sapphirerapids``; :func:`supports_vnni`): dense convs use ``vpdpbusd``
+(``llvm.x86.avx512.vpdpbusd.512`` / ``.256``) instead, see :func:`_dense_vnni`. It multiplies
+4 adjacent *unsigned* bytes by 4 *signed* bytes and adds the 4 products to each int32 lane,
+without saturation, so it is exact (``4 * 255 * 128 < 2**31``, the int32 accumulation as
+above). The reduction runs over *quads* of input channels: one 32-bit word per pixel holds
+``x[4q .. 4q+3]`` (as uint8: int8 activations are shifted by +128 and the bias absorbs
+``-128 * sum(w)``), the weight word of (o, quad, ky, kx) is broadcast, and 16 (zmm) or 8 (ymm,
+for 7- and 56-column rows) output columns are one vector: 64 multiply-adds per zmm
+instruction. Tiles, stride phases and the epilogue (on 16 or 8 lanes) are as for AVX2.
+Depthwise convs keep the AVX2 kernels on these CPUs.
+
 Depthwise (``groups == C == O``): the pairs run along the kernel row instead: taps ``kx`` and
 ``kx + 1`` of one kernel row are one ``vpmaddwd`` (an odd last tap is paired with a zero
 weight), so a 3x3 conv is 6 ``vpmaddwd`` per 8 outputs. With dilation 1 the first stage only
@@ -279,6 +291,21 @@ def supports_avx2(target: Any) -> bool:
         return False
 
 
+def supports_vnni(target: Any) -> bool:
+    """Whether ``target`` is an x86-64 LLVM target whose CPU has AVX-512 VNNI (with BW and VL,
+    which the 8-bit and 256-bit forms need): ``znver4``, ``icelake-server``, ``sapphirerapids``
+    (its ``mcpu``, or ``mattr`` such as ``+avx512vnni``)."""
+    if not supports_avx2(target):
+        return False
+    try:
+        from tvm.target import codegen
+
+        return bool(codegen.target_has_features(["avx512vnni", "avx512bw", "avx512vl"], target))
+    except Exception as e:
+        logger.debug("AVX-512 VNNI check failed: %s", e)
+        return False
+
+
 def supports_neon(target: Any) -> bool:
     """Whether ``target`` is an aarch64 LLVM target (NEON is part of ARMv8-A)."""
     try:
@@ -316,11 +343,14 @@ def conv2d_int8(
     clamp: tuple[int, int],
     target: Any,
     tile: Tile | None = None,
+    isa: str | None = None,
 ) -> tuple[Any, list[np.ndarray]] | None:
     """A scheduled PrimFunc ``(x, *constants, out)`` and the constant arrays it takes after x,
     or None when the case is not accelerated (see the module docstring).
 
-    ``tile`` overrides the register tile of a dense conv (benchmarks)."""
+    ``tile`` overrides the register tile of a dense conv, ``isa`` the x86 dense kernel
+    (benchmarks, tests): ``"avx2"``, ``"vnni"`` (lanes chosen by :func:`vnni_lanes`),
+    ``"vnni256"`` or ``"vnni512"``; None: VNNI where the target has it, else AVX2."""
     n, c, h, w = (int(d) for d in x_shape)
     o, cg, kh, kw = (int(d) for d in weight.shape)
     sh, sw = (int(s) for s in strides)
@@ -353,6 +383,11 @@ def conv2d_int8(
             return _dense_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
                                out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
                                (n, o, oh, ow))  # fmt: skip
+        if (isa is None and supports_vnni(target)) or isa in ("vnni", "vnni256", "vnni512"):
+            vl = {"vnni256": 8, "vnni512": 16}.get(isa or "", vnni_lanes(geo.ow))
+            return _dense_vnni(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                               out_zero_point, out_dtype, clamp, tile, vl, (n, c, h, w),
+                               (n, o, oh, ow))  # fmt: skip
         kp = (kw + 1) // 2
         if dw == 1 and sw in (1, 2) and kw > 1 and c * kp <= (c + 1) // 2 * kw:
             # Few odd channels (an RGB input): pairing kernel taps wastes fewer lanes than
@@ -380,6 +415,78 @@ def _chunks(tasks: int) -> int:
 
 def _finish(func: Any) -> Any:
     return func.with_attr("tirx.is_scheduled", True)
+
+
+def _x86_requant(T: Any, zp: int, qmin: int, qmax: int, big: bool, lanes: int = LANES) -> Any:
+    """``requant(acc, ep_, o)`` for :func:`_tile_macros`: :func:`_requant_vec` of channel o."""
+
+    def requant(acc: Any, ep_: Any, o: Any) -> Any:
+        return _requant_vec(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
+                            zp, qmin, qmax, big, lanes)  # fmt: skip
+
+    return requant
+
+
+def _tile_macros(
+    T: Any,
+    obn: int,
+    yt: int,
+    xv: int,
+    lanes: int,
+    n_out: int,
+    oh: int,
+    ow: int,
+    out_dtype: str,
+    requant: Any,
+    bind_acc: bool = False,
+) -> tuple[Any, Any]:
+    """``(init, store)``: the TVMScript macros every tiled kernel shares, for accumulators
+    ``acc[((j * yt + yy) * xv + v) * lanes + lane]`` of channel ``ob * obn + j``, row
+    ``y0 + yy``, columns ``x0 + v * lanes + lane``.
+
+    ``init(acc, ep_, ob)`` sets them to the channel's bias; ``store(acc, res, of, ep_, nn, ob,
+    y0, x0)`` requantizes each vector (``requant(acc_vector, ep_, o)``) into the local ``res``
+    and stores it into the flat NCHW output ``of`` of ``n_out`` channels (a row's tail lane by
+    lane; padding channels ``o >= n_out`` skipped). A depthwise kernel is ``obn == 1``.
+
+    ``bind_acc``: the accumulator vector as a let binding. It changes LLVM's instruction
+    selection (same results): each kernel keeps the form its speed was measured with."""
+    outv = f"{out_dtype}x{lanes}"
+
+    @T.macro
+    def init(acc: Any, ep_: Any, ob: Any) -> None:
+        for j in T.unroll(obn):
+            for i in T.unroll(yt * xv):
+                acc[T.ramp((j * yt * xv + i) * lanes, 1, lanes)] = T.broadcast(
+                    ep_[ob * obn + j, 0], lanes
+                )
+
+    @T.macro
+    def store(acc: Any, res: Any, of: Any, ep_: Any, nn: Any, ob: Any, y0: Any, x0: Any) -> None:
+        # Straight from the accumulators, before anything else is stored.
+        for j in T.unroll(obn):
+            for yy in T.unroll(yt):
+                for v in T.unroll(xv):
+                    o = T.Bind(ob * obn + j)
+                    if bind_acc:
+                        av = acc[T.ramp(((j * yt + yy) * xv + v) * lanes, 1, lanes)]
+                        res[T.ramp(0, 1, lanes)] = T.cast(requant(av, ep_, o), outv)
+                    else:
+                        res[T.ramp(0, 1, lanes)] = T.cast(
+                            requant(acc[T.ramp(((j * yt + yy) * xv + v) * lanes, 1, lanes)],
+                                    ep_, o),
+                            outv,
+                        )  # fmt: skip
+                    ob_ = T.Bind(((nn * n_out + o) * oh + y0 + yy) * ow + x0 + v * lanes)
+                    if o < n_out:
+                        if x0 + v * lanes + lanes <= ow:
+                            of[T.ramp(ob_, 1, lanes)] = res[T.ramp(0, 1, lanes)]
+                        else:
+                            for lane in range(lanes):
+                                if x0 + v * lanes + lane < ow:
+                                    of[ob_ + lane] = res[lane]
+
+    return init, store
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +530,6 @@ def _dense(
     ZP = int(x_zero_point)
     ZPW = int(_words(np.array([ZP]), np.array([ZP]))[0])
     SIGNED = x_dtype == "int8"
-    OUTV = f"{out_dtype}x{LANES}"
 
     # Weight words: (OB, CP, KH, KW, OBN), zero beyond O and C.
     wpad = np.zeros((OB * OBN, 2 * CP, KH, KW), dtype=np.int8)
@@ -447,6 +553,9 @@ def _dense(
     def slot(j: Any, yy: Any, v: Any) -> Any:
         """The accumulator vector of channel j, row yy, vector v of the tile."""
         return T.ramp(((j * YT + yy) * XV + v) * LANES, 1, LANES)
+
+    init, store = _tile_macros(T, OBN, YT, XV, LANES, O, OH, OW, out_dtype,
+                               _x86_requant(T, out_zero_point, qmin, qmax, BIG), bind_acc=True)
 
     @T.prim_func
     def conv(
@@ -540,11 +649,7 @@ def _dense(
                 ob = T.Bind(t // (NY * NX) % OB)
                 y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
                 x0 = T.Bind(t % NX * TX)
-                for j in T.unroll(OBN):
-                    for i in T.unroll(YT * XV):
-                        acc[T.ramp((j * YT * XV + i) * LANES, 1, LANES)] = T.broadcast(
-                            ep_[ob * OBN + j, 0], LANES
-                        )
+                init(acc, ep_, ob)
                 for cp in range(CP):
                     for ky in range(KH):
                         for kx in T.unroll(KW):
@@ -573,29 +678,246 @@ def _dense(
                                                 T.broadcast(wq_[ob, cp, ky, kx, j], LANES),
                                             ),
                                         )  # fmt: skip
-                # Epilogue straight from the accumulators.
-                for j in T.unroll(OBN):
-                    for yy in T.unroll(YT):
-                        for v in T.unroll(XV):
-                            o = T.Bind(ob * OBN + j)
-                            av = acc[slot(j, yy, v)]
-                            res[T.ramp(0, 1, LANES)] = T.cast(
-                                _requant_vec(
-                                    T, av, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                                    out_zero_point, qmin, qmax, BIG,
-                                ),
-                                OUTV,
-                            )  # fmt: skip
-                            ob_ = T.Bind(((nn * O + o) * OH + y0 + yy) * OW + x0 + v * LANES)
-                            if o < O:
-                                if x0 + v * LANES + LANES <= OW:
-                                    of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
-                                else:
-                                    for lane in range(LANES):
-                                        if x0 + v * LANES + lane < OW:
-                                            of[ob_ + lane] = res[lane]
+                store(acc, res, of, ep_, nn, ob, y0, x0)
 
     return _finish(conv), [wq, ep]
+
+
+# --------------------------------------------------------------------------------------------
+# Dense conv with AVX-512 VNNI (groups == 1)
+
+_VPDPBUSD = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
+
+
+def choose_tile_vnni(o: int, oh: int, ow: int, kw: int, lanes: int) -> Tile:
+    """:func:`choose_tile` for ``vpdpbusd`` on 32 vector registers.
+
+    Budget: ``obn*yt*xv`` accumulators + the ``yt*xv`` activation vectors of one step + 2
+    temporaries <= 32 (the weight words are broadcast from memory by the ``vpdpbusd`` itself).
+    The accumulator limit is lower with a kernel row unrolled, where LLVM keeps operands
+    across taps."""
+    best: tuple[float, Tile] | None = None
+    vecs = -(-ow // lanes)
+    limit = 24 if kw == 1 else 16
+    for obn in (1, 2, 3, 4, 6, 8, 12, 16):
+        for yt in range(min(oh, 4), 0, -1):
+            for xv in range(1, min(vecs, 4) + 1):
+                acc = obn * yt * xv
+                if acc > limit or acc + yt * xv + 2 > 32:
+                    continue
+                work = (-(-o // obn) * obn) * (-(-oh // yt) * yt) * (-(-vecs // xv) * xv)
+                # Per step: acc x vpdpbusd + yt*xv loads + obn broadcasts (+ loop overhead).
+                cost = work * (acc + yt * xv + obn + 2) / acc
+                if best is None or cost < best[0]:
+                    best = (cost, Tile(obn, yt, xv))
+    assert best is not None
+    return best[1]
+
+
+def vnni_lanes(ow: int) -> int:
+    """int32 lanes of the VNNI kernel for output rows of ``ow``: 16 (zmm) unless 8 (ymm) wastes
+    fewer padded columns (a 7- or 56-column row). Both issue the same multiply-adds per cycle
+    on Zen 4 (a zmm ``vpdpbusd`` is two 256-bit halves), so only the padding decides."""
+    return 16 if -(-ow // 16) * 16 <= -(-ow // 8) * 8 else 8
+
+
+def _dense_vnni(
+    geo: Geometry,
+    x_dtype: str,
+    x_zero_point: int,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    out_zero_point: int,
+    out_dtype: str,
+    clamp: tuple[int, int],
+    tile: Tile | None,
+    vl: int,
+    x_shape: tuple[int, int, int, int],
+    out_shape: tuple[int, int, int, int],
+) -> tuple[Any, list[np.ndarray]]:
+    """AVX-512 VNNI: ``vpdpbusd`` (u8 x s8, 4 products summed into each int32 lane) on
+    ``vl`` = 16 (zmm) or 8 (ymm, AVX512VL) lanes.
+
+    The reduction runs over *quads* of input channels: activation word ``xw[n, q, row, phase,
+    col]`` holds bytes ``x[4q + k]`` (k = 0..3, low byte first) of one pixel, as uint8 (int8
+    activations are made ``x + 128``, a flip of the top bit, and the bias takes
+    ``-128 * sum(w)``); weight word ``wq[ob, q, ky, kx, j]`` holds ``w[ob*OBN + j, 4q + k]``
+    (zero beyond O and C, so the activation bytes there do not matter). ``vpdpbusd`` is
+    non-saturating: a lane's 4 products (each ``|u8 * s8| <= 255 * 128``) and the int32
+    accumulator add exactly. Tiles, row phases and the epilogue are as in :func:`_dense`."""
+    from tvm.script import tirx as T
+
+    N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
+    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
+    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
+    VL = vl
+    if tile is None:
+        tile = choose_tile_vnni(O, OH, OW, KW, VL)
+    OBN, YT, XV = tile.obn, tile.yt, tile.xv
+    CQ = (C + 3) // 4
+    OB = -(-O // OBN)
+    TX = XV * VL
+    NX = -(-OW // TX)
+    NY = -(-OH // YT)  # the last row tile is moved up to end at OH (overlapping the one before)
+    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    WQ = NX * TX + ((KW - 1) * DW) // SW
+    XSIZE = N * CQ * HP * SW * WQ
+    NR, NT = N * CQ * HP, N * OB * NY * NX
+    # Padded input rows as bytes (strided repack), long enough for the last SW*VL-byte load.
+    RWD = -(-(SW * WQ + SW * VL) // VL) * VL
+    qmin, qmax = clamp
+    ZP = int(x_zero_point)
+    SHIFTED = x_dtype == "int8"
+    ZPW = int(np.array([(ZP + 128 * SHIFTED) & 0xFF] * 4, dtype=np.uint8).view(np.int32)[0])
+    BYTES = f"int8x{4 * VL}"
+    INTRIN = _VPDPBUSD[VL]
+
+    wpad = np.zeros((OB * OBN, 4 * CQ, KH, KW), dtype=np.int8)
+    wpad[:O, :C] = weight
+    quads = np.ascontiguousarray(wpad.reshape(OB * OBN, CQ, 4, KH, KW).transpose(0, 1, 3, 4, 2))
+    words = quads.view(np.int32)[..., 0]  # (OB*OBN, CQ, KH, KW), little-endian: byte k = 4q+k
+    wq = np.ascontiguousarray(words.reshape(OB, OBN, CQ, KH, KW).transpose(0, 2, 3, 4, 1))
+    bias2 = bias.astype(np.int64)
+    if SHIFTED:
+        bias2 = bias2 - 128 * weight.astype(np.int64).sum(axis=(1, 2, 3))
+    if np.any(np.abs(bias2) >= 2**31):
+        bias2 = np.clip(bias2, INT32_MIN, INT32_MAX)  # only if the true accumulator overflows
+    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
+                          OB * OBN)  # fmt: skip
+    BIG = bool(np.all(shift >= 32))  # see _requant_vec
+
+    def quad(b: list[Any], lanes: int) -> Any:
+        """int32 word(s) of 4 activation bytes loaded as int32 (``lanes`` 1: a scalar). Shifts
+        and ors only: TVM emits ``add`` with ``nsw``, which a top byte >= 128 would break."""
+
+        def k(v: int) -> Any:
+            return v if lanes == 1 else T.broadcast(v, lanes)
+
+        if SHIFTED:  # the two's-complement bytes with the top bit flipped: x + 128
+            b = [v & k(0xFF) for v in b[:3]] + [b[3]]
+        w = b[0] | (b[1] << k(8)) | (b[2] << k(16)) | (b[3] << k(24))
+        return w ^ k(-0x7F7F7F80) if SHIFTED else w  # -0x7F7F7F80 == int32(0x80808080)
+
+    def slot(j: Any, yy: Any, v: Any) -> Any:
+        return T.ramp(((j * YT + yy) * XV + v) * VL, 1, VL)
+
+    init, store = _tile_macros(T, OBN, YT, XV, VL, O, OH, OW, out_dtype,
+                               _x86_requant(T, out_zero_point, qmin, qmax, BIG, VL))
+
+    @T.prim_func
+    def conv_vnni(
+        x: T.Buffer(x_shape, x_dtype),
+        wq_: T.Buffer((OB, CQ, KH, KW, OBN), "int32"),
+        ep_: T.Buffer((OB * OBN, EP_COLS), "int32"),
+        out: T.Buffer(out_shape, out_dtype),
+    ):
+        T.func_attr({"global_symbol": "conv2d_int8", "tirx.noalias": True})
+        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
+        xw = T.alloc_buffer((XSIZE,), "int32")
+        # Stage 1: repack the activation into quad words, padded, stride phases split.
+        for chunk in T.parallel(_chunks(NR)):
+            rowb = T.alloc_buffer((4 * RWD + VL,), x_dtype, scope="local")
+            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                nn = T.Bind(r // (CQ * HP))
+                cq = T.Bind(r // HP % CQ)
+                row = T.Bind(r % HP - PT)
+                # Channels beyond C read channel C-1 again; their weight bytes are zero.
+                c0 = T.Bind((nn * C + T.min(4 * cq, C - 1)) * H * W)
+                c1 = T.Bind((nn * C + T.min(4 * cq + 1, C - 1)) * H * W)
+                c2 = T.Bind((nn * C + T.min(4 * cq + 2, C - 1)) * H * W)
+                c3 = T.Bind((nn * C + T.min(4 * cq + 3, C - 1)) * H * W)
+                base = T.Bind(r * SW * WQ)
+                if row < 0 or row >= H:
+                    for q in range(SW * WQ):
+                        xw[base + q] = ZPW
+                elif SW == 1:
+                    for q in range(PL):
+                        xw[base + q] = ZPW
+                    for v in range(W // VL):
+                        at = row * W + v * VL
+                        xw[T.ramp(base + PL + v * VL, 1, VL)] = quad(
+                            [T.cast(xf[T.ramp(cc + at, 1, VL)], f"int32x{VL}")
+                             for cc in (c0, c1, c2, c3)], VL,
+                        )  # fmt: skip
+                    for q in range(W // VL * VL, W):
+                        xw[base + PL + q] = quad(
+                            [T.cast(xf[cc + row * W + q], "int32") for cc in (c0, c1, c2, c3)], 1
+                        )
+                    for q in range(PL + W, WQ):
+                        xw[base + q] = ZPW
+                else:
+                    # Strided: the 4 channels' padded rows as bytes, then VL words per step,
+                    # each channel's phase taken from one SW*VL-byte load by a byte shuffle
+                    # (constant indices: the phase moves the load).
+                    for k in T.unroll(4):
+                        src = T.Bind((nn * C + T.min(4 * cq + k, C - 1)) * H * W + row * W)
+                        for q in range(PL):
+                            rowb[k * RWD + q] = T.cast(ZP, x_dtype)
+                        for v in range(W // VL):
+                            rowb[T.ramp(k * RWD + PL + v * VL, 1, VL)] = xf[
+                                T.ramp(src + v * VL, 1, VL)
+                            ]
+                        for q in range(W // VL * VL, W):
+                            rowb[k * RWD + PL + q] = xf[src + q]
+                        for v in range((RWD - PL - W + VL - 1) // VL):
+                            rowb[T.ramp(k * RWD + PL + W + v * VL, 1, VL)] = T.broadcast(
+                                T.cast(ZP, x_dtype), VL
+                            )
+                    for ph in range(SW):
+                        for v in range(WQ // VL):
+                            xw[T.ramp(base + ph * WQ + v * VL, 1, VL)] = quad(
+                                [T.cast(T.Shuffle([rowb[T.ramp(k * RWD + v * SW * VL + ph, 1,
+                                                               SW * VL)]],
+                                                  [SW * i for i in range(VL)]),
+                                        f"int32x{VL}")
+                                 for k in range(4)], VL,
+                            )  # fmt: skip
+                        for q in range(WQ // VL * VL, WQ):
+                            xw[base + ph * WQ + q] = quad(
+                                [T.cast(rowb[k * RWD + q * SW + ph], "int32") for k in range(4)], 1
+                            )
+        # Stage 2: register tiles of OBN channels x YT rows x XV vectors, in parallel chunks.
+        for chunk in T.parallel(_chunks(NT)):
+            acc = T.alloc_buffer((OBN * YT * XV * VL,), "int32", scope="local")
+            res = T.alloc_buffer((VL,), out_dtype, scope="local")
+            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                nn = T.Bind(t // (OB * NY * NX))
+                ob = T.Bind(t // (NY * NX) % OB)
+                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                x0 = T.Bind(t % NX * TX)
+                init(acc, ep_, ob)
+                for cq in range(CQ):
+                    for ky in range(KH):
+                        for kx in T.unroll(KW):
+                            for j in T.unroll(OBN):
+                                for yy in T.unroll(YT):
+                                    for v in T.unroll(XV):
+                                        acc[slot(j, yy, v)] = T.call_llvm_pure_intrin(
+                                            f"int32x{VL}",
+                                            INTRIN,
+                                            acc[slot(j, yy, v)],
+                                            T.reinterpret(
+                                                BYTES,
+                                                xw[
+                                                    T.ramp(
+                                                        ((((nn * CQ + cq) * HP + (y0 + yy) * SH
+                                                           + ky * DH) * SW + kx * DW % SW) * WQ)
+                                                        + x0 + v * VL + kx * DW // SW,
+                                                        1,
+                                                        VL,
+                                                    )
+                                                ],
+                                            ),
+                                            T.reinterpret(
+                                                BYTES, T.broadcast(wq_[ob, cq, ky, kx, j], VL)
+                                            ),
+                                        )  # fmt: skip
+                store(acc, res, of, ep_, nn, ob, y0, x0)
+
+    return _finish(conv_vnni), [wq, ep]
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,7 +959,6 @@ def _dense_direct(
     NR, NT = N * C * HP, N * OB * NY * NX
     qmin, qmax = clamp
     ZP = int(x_zero_point)
-    OUTV = f"{out_dtype}x{LANES}"
     PAIRS = [i // 2 + i % 2 for i in range(2 * LANES)]
 
     wpad = np.zeros((OB * OBN, C, KH, 2 * KP), dtype=np.int8)
@@ -655,6 +976,9 @@ def _dense_direct(
 
     def slot(j: Any, yy: Any, v: Any) -> Any:
         return T.ramp(((j * YT + yy) * XV + v) * LANES, 1, LANES)
+
+    init, store = _tile_macros(T, OBN, YT, XV, LANES, O, OH, OW, out_dtype,
+                               _x86_requant(T, out_zero_point, qmin, qmax, BIG))
 
     @T.prim_func
     def conv_direct(
@@ -702,11 +1026,7 @@ def _dense_direct(
                 ob = T.Bind(t // (NY * NX) % OB)
                 y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
                 x0 = T.Bind(t % NX * TX)
-                for j in T.unroll(OBN):
-                    for i in T.unroll(YT * XV):
-                        acc[T.ramp((j * YT * XV + i) * LANES, 1, LANES)] = T.broadcast(
-                            ep_[ob * OBN + j, 0], LANES
-                        )
+                init(acc, ep_, ob)
                 for c in range(C):
                     for ky in range(KH):
                         for kp in T.unroll(KP):
@@ -728,26 +1048,7 @@ def _dense_direct(
                                                 T.broadcast(wq_[ob, c, ky, kp, j], LANES),
                                             ),
                                         )  # fmt: skip
-                for j in T.unroll(OBN):
-                    for yy in T.unroll(YT):
-                        for v in T.unroll(XV):
-                            o = T.Bind(ob * OBN + j)
-                            res[T.ramp(0, 1, LANES)] = T.cast(
-                                _requant_vec(
-                                    T, acc[slot(j, yy, v)],
-                                    ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                                    out_zero_point, qmin, qmax, BIG,
-                                ),
-                                OUTV,
-                            )  # fmt: skip
-                            ob_ = T.Bind(((nn * O + o) * OH + y0 + yy) * OW + x0 + v * LANES)
-                            if o < O:
-                                if x0 + v * LANES + LANES <= OW:
-                                    of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
-                                else:
-                                    for lane in range(LANES):
-                                        if x0 + v * LANES + lane < OW:
-                                            of[ob_ + lane] = res[lane]
+                store(acc, res, of, ep_, nn, ob, y0, x0)
 
     return _finish(conv_direct), [wq, ep]
 
@@ -795,7 +1096,6 @@ def _depthwise(
     qmin, qmax = clamp
     ZP = int(x_zero_point)
     SIGNED = x_dtype == "int8"
-    OUTV = f"{out_dtype}x{LANES}"
     # Dilation 1, stride 1 or 2: the tiles read the padded bytes directly. Stride 2: taps
     # (u, u+1) of 8 output columns are 16 adjacent bytes, one widening load; stride 1: 9 bytes,
     # duplicated into pairs by one byte shuffle, then widened.
@@ -824,6 +1124,9 @@ def _depthwise(
         """int16x16 operand of a tap pair for 8 output columns, from padded bytes at ``at``."""
         v = xb[T.ramp(at, 1, 2 * LANES)]
         return T.cast(v if SW == 2 else T.Shuffle([v], PAIRS), "int16x16")
+
+    init, store = _tile_macros(T, 1, YT, XV, LANES, C, OH, OW, out_dtype,
+                               _x86_requant(T, out_zero_point, qmin, qmax, BIG))
 
     if DIRECT:
         # No words at all: the padded image as bytes, read by the tiles with widening loads.
@@ -876,8 +1179,7 @@ def _depthwise(
                     c = T.Bind(nc % C)
                     y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
                     x0 = T.Bind(t % NX * TX)
-                    for i in T.unroll(YT * XV):
-                        acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(ep_[c, 0], LANES)
+                    init(acc, ep_, c)
                     for ky in T.unroll(KH):
                         for kp in T.unroll(KP):
                             for yy in T.unroll(YT):
@@ -896,23 +1198,7 @@ def _depthwise(
                                             "int16x16", T.broadcast(wq_[c, ky, kp], LANES)
                                         ),
                                     )  # fmt: skip
-                    for yy in T.unroll(YT):
-                        for v in T.unroll(XV):
-                            res[T.ramp(0, 1, LANES)] = T.cast(
-                                _requant_vec(
-                                    T, acc[T.ramp((yy * XV + v) * LANES, 1, LANES)],
-                                    ep_[c, 1], ep_[c, 2], ep_[c, 3], ep_[c, 4], ep_[c, 5],
-                                    out_zero_point, qmin, qmax, BIG,
-                                ),
-                                OUTV,
-                            )  # fmt: skip
-                            ob_ = T.Bind((nc * OH + y0 + yy) * OW + x0 + v * LANES)
-                            if x0 + v * LANES + LANES <= OW:
-                                of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
-                            else:
-                                for lane in range(LANES):
-                                    if x0 + v * LANES + lane < OW:
-                                        of[ob_ + lane] = res[lane]
+                    store(acc, res, of, ep_, nc // C, c, y0, x0)
 
         return _finish(dwconv_direct), [wq, ep]
 
@@ -976,8 +1262,7 @@ def _depthwise(
                 c = T.Bind(nc % C)
                 y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
                 x0 = T.Bind(t % NX * TX)
-                for i in T.unroll(YT * XV):
-                    acc[T.ramp(i * LANES, 1, LANES)] = T.broadcast(ep_[c, 0], LANES)
+                init(acc, ep_, c)
                 for ky in T.unroll(KH):
                     for kp in T.unroll(KP):
                         for yy in T.unroll(YT):
@@ -1001,23 +1286,7 @@ def _depthwise(
                                     ),
                                     T.reinterpret("int16x16", T.broadcast(wq_[c, ky, kp], LANES)),
                                 )  # fmt: skip
-                for yy in T.unroll(YT):
-                    for v in T.unroll(XV):
-                        res[T.ramp(0, 1, LANES)] = T.cast(
-                            _requant_vec(
-                                T, acc[T.ramp((yy * XV + v) * LANES, 1, LANES)],
-                                ep_[c, 1], ep_[c, 2], ep_[c, 3], ep_[c, 4], ep_[c, 5],
-                                out_zero_point, qmin, qmax, BIG,
-                            ),
-                            OUTV,
-                        )  # fmt: skip
-                        ob_ = T.Bind((nc * OH + y0 + yy) * OW + x0 + v * LANES)
-                        if x0 + v * LANES + LANES <= OW:
-                            of[T.ramp(ob_, 1, LANES)] = res[T.ramp(0, 1, LANES)]
-                        else:
-                            for lane in range(LANES):
-                                if x0 + v * LANES + lane < OW:
-                                    of[ob_ + lane] = res[lane]
+                store(acc, res, of, ep_, nc // C, c, y0, x0)
 
     return _finish(dwconv), [wq, ep]
 
@@ -1034,9 +1303,11 @@ def _requant_vec(
     qmin: int,
     qmax: int,
     big: bool = False,
+    lanes: int = LANES,
 ) -> Any:
-    """int32x8 output values of int32x8 accumulators (bias included) for one channel, exactly
-    as the module docstring's epilogue: clamp, int64 multiply + round, the two shifts, clip.
+    """int32 x ``lanes`` output values of int32 x ``lanes`` accumulators (bias included) for
+    one channel, exactly as the module docstring's epilogue: clamp, int64 multiply + round, the
+    two shifts, clip.
 
     Written on the even and odd int32 lanes as 4 x int64 each (``vpmuldq`` multiplies the
     sign-extended low halves of int64 lanes), so that no lane is moved before the end: the even
@@ -1048,9 +1319,9 @@ def _requant_vec(
     ``s1`` is 32 and the odd lanes need no shift at all."""
     if big:
         s1 = 32
-    a = acc if big else T.max(T.min(acc, T.broadcast(hi, LANES)), T.broadcast(lo, LANES))
-    half = LANES // 2
-    a64 = T.reinterpret("int64x4", a)
+    a = acc if big else T.max(T.min(acc, T.broadcast(hi, lanes)), T.broadcast(lo, lanes))
+    half = lanes // 2
+    a64 = T.reinterpret(f"int64x{half}", a)
     c32 = T.broadcast(T.int64(32), half)
     even = T.shift_right(T.shift_left(a64, c32), c32)  # sign-extended even lanes
     odd = T.shift_right(a64, c32)  # sign-extended odd lanes
@@ -1059,16 +1330,16 @@ def _requant_vec(
     pe = even * mv + rnd
     po = odd * mv + rnd
     re = T.reinterpret(
-        "int32x8",
-        T.shift_right(T.cast(pe, "uint64x4"), T.broadcast(T.cast(s1, "uint64"), half)),
+        f"int32x{lanes}",
+        T.shift_right(T.cast(pe, f"uint64x{half}"), T.broadcast(T.cast(s1, "uint64"), half)),
     )
     ro = T.reinterpret(
-        "int32x8",
+        f"int32x{lanes}",
         po if big else T.shift_left(po, T.broadcast(T.cast(32 - s1, "int64"), half)),
     )
-    merged = T.Shuffle([re, ro], [i + LANES * (i % 2) for i in range(LANES)])
-    r = T.shift_right(merged, T.broadcast(s2, LANES)) + T.broadcast(zp, LANES)
-    return T.max(T.min(r, T.broadcast(qmax, LANES)), T.broadcast(qmin, LANES))
+    merged = T.Shuffle([re, ro], [i + lanes * (i % 2) for i in range(lanes)])
+    r = T.shift_right(merged, T.broadcast(s2, lanes)) + T.broadcast(zp, lanes)
+    return T.max(T.min(r, T.broadcast(qmax, lanes)), T.broadcast(qmin, lanes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1132,7 +1403,6 @@ def _dense_neon(
     qmin, qmax = clamp
     SHIFTED = x_dtype == "uint8"  # activations made int8: x - 128
     ZPS = int(x_zero_point) - (128 if SHIFTED else 0)
-    OUTV = f"{out_dtype}x{L}"
 
     # Weight: (OB, CQ, KH, KW, OBN, 16) int8, zero beyond O and C.
     wpad = np.zeros((OB * OBN, 4 * CQ, KH, KW), dtype=np.int8)
@@ -1153,6 +1423,12 @@ def _dense_neon(
     def wat(ob: Any, cq: Any, ky: Any, kx: Any, j: Any) -> Any:
         """Offset of the 16 weight bytes of (ob*OBN + j, quad cq, ky, kx)."""
         return ((((ob * CQ + cq) * KH + ky) * KW + kx) * OBN + j) * 16
+
+    def requant(acc: Any, ep_: Any, o: Any) -> Any:
+        return _requant_vec4(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
+                             out_zero_point, qmin, qmax)  # fmt: skip
+
+    init, store = _tile_macros(T, OBN, YT, XV, L, O, OH, OW, out_dtype, requant)
 
     @T.prim_func
     def conv(
@@ -1197,11 +1473,7 @@ def _dense_neon(
                 ob = T.Bind(t // (NY * NX) % OB)
                 y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
                 x0 = T.Bind(t % NX * TX)
-                for j in T.unroll(OBN):
-                    for i in T.unroll(YT * XV):
-                        acc[T.ramp((j * YT * XV + i) * L, 1, L)] = T.broadcast(
-                            ep_[ob * OBN + j, 0], L
-                        )
+                init(acc, ep_, ob)
                 for cq in range(CQ):
                     for ky in range(KH):
                         for kx in T.unroll(KW):
@@ -1239,26 +1511,7 @@ def _dense_neon(
                                                 "int16x8",
                                             ),
                                         )  # fmt: skip
-                for j in T.unroll(OBN):
-                    for yy in T.unroll(YT):
-                        for v in T.unroll(XV):
-                            o = T.Bind(ob * OBN + j)
-                            res[T.ramp(0, 1, L)] = T.cast(
-                                _requant_vec4(
-                                    T, acc[T.ramp(((j * YT + yy) * XV + v) * L, 1, L)],
-                                    ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                                    out_zero_point, qmin, qmax,
-                                ),
-                                OUTV,
-                            )  # fmt: skip
-                            ob_ = T.Bind(((nn * O + o) * OH + y0 + yy) * OW + x0 + v * L)
-                            if o < O:
-                                if x0 + v * L + L <= OW:
-                                    of[T.ramp(ob_, 1, L)] = res[T.ramp(0, 1, L)]
-                                else:
-                                    for lane in range(L):
-                                        if x0 + v * L + lane < OW:
-                                            of[ob_ + lane] = res[lane]
+                store(acc, res, of, ep_, nn, ob, y0, x0)
 
     return _finish(conv), [wn, ep]
 
@@ -1317,7 +1570,6 @@ def _depthwise_neon(
     NR, NT = N * C * HP, N * C * NY * NX
     qmin, qmax = clamp
     ZP = int(x_zero_point)
-    OUTV = f"{out_dtype}x{L}"
     wq = np.ascontiguousarray(weight[:, 0].astype(np.int32))  # (C, KH, KW)
     ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
     x_shape = (N, C, H, W)
@@ -1330,6 +1582,12 @@ def _depthwise_neon(
         else:
             v = T.Shuffle([xb[T.ramp(at, 1, SW * L)]], [SW * i for i in range(L)])
         return T.cast(T.cast(v, f"int16x{L}"), f"int32x{L}")
+
+    def requant(acc: Any, ep_: Any, o: Any) -> Any:
+        return _requant_vec4(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
+                             out_zero_point, qmin, qmax)  # fmt: skip
+
+    init, store = _tile_macros(T, 1, YT, XV, L, C, OH, OW, out_dtype, requant)
 
     @T.prim_func
     def dwconv_neon(
@@ -1360,8 +1618,7 @@ def _depthwise_neon(
                 c = T.Bind(nc % C)
                 y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
                 x0 = T.Bind(t % NX * TX)
-                for i in T.unroll(YT * XV):
-                    acc[T.ramp(i * L, 1, L)] = T.broadcast(ep_[c, 0], L)
+                init(acc, ep_, c)
                 for ky in T.unroll(KH):
                     for kx in T.unroll(KW):
                         for yy in T.unroll(YT):
@@ -1375,22 +1632,6 @@ def _depthwise_neon(
                                 ) * T.broadcast(
                                     T.cast(T.cast(wq_[c, ky, kx], "int16"), "int32"), L
                                 )  # fmt: skip
-                for yy in T.unroll(YT):
-                    for v in T.unroll(XV):
-                        res[T.ramp(0, 1, L)] = T.cast(
-                            _requant_vec4(
-                                T, acc[T.ramp((yy * XV + v) * L, 1, L)],
-                                ep_[c, 1], ep_[c, 2], ep_[c, 3], ep_[c, 4], ep_[c, 5],
-                                out_zero_point, qmin, qmax,
-                            ),
-                            OUTV,
-                        )  # fmt: skip
-                        ob_ = T.Bind((nc * OH + y0 + yy) * OW + x0 + v * L)
-                        if x0 + v * L + L <= OW:
-                            of[T.ramp(ob_, 1, L)] = res[T.ramp(0, 1, L)]
-                        else:
-                            for lane in range(L):
-                                if x0 + v * L + lane < OW:
-                                    of[ob_ + lane] = res[lane]
+                store(acc, res, of, ep_, nc // C, c, y0, x0)
 
     return _finish(dwconv_neon), [wq, ep]

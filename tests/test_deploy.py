@@ -114,6 +114,19 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _int8_build(rng: np.random.Generator, target: str, out: Path) -> Path:
+    """The conv+BN model quantized by bnfold (QDQ) and compiled with integer kernels."""
+    from bnfold.quantize import quantize
+
+    fp32 = onnx.shape_inference.infer_shapes(_model(rng))
+    calib = [{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    int8, _ = quantize(fp32, calib)
+    path = out.parent / f"{out.name}.int8.onnx"
+    onnx.save(int8, str(path))
+    lower.compile_model(path, target, out, verify=False, fold=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
     port = free_port()
@@ -158,6 +171,24 @@ def test_deploy_runs_stacked_inputs_in_slices(build: Path, server: int) -> None:
     assert r.passed and r.samples == 3 and "3 sample(s)" in r.table
     with pytest.raises(BnfoldError, match=r"compiled for float32\[1, 3, 8, 8\]"):
         deploy.deploy(build, f"127.0.0.1:{server}", inputs={"x": x[:, :, :4]})
+
+
+def test_deploy_int8_gates_layer_by_layer(server: int, tmp_path: Path) -> None:
+    out = _int8_build(np.random.default_rng(5), "x86", tmp_path / "int8")
+    assert (out / lower.LAYERWISE / lower.MANIFEST).is_file()
+    js = tmp_path / "deploy.json"
+    res = CliRunner().invoke(deploy_cmd, [str(out), "--rpc", f"127.0.0.1:{server}", "--json",
+                                          str(js), "--repeat", "3"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "layer by layer on the device" in res.output
+    data = json.loads(js.read_text())
+    lw = data["layerwise"]
+    assert data["passed"] and lw["status"] == "passed" and lw["max_lsb"] <= 1
+    assert lw["tensors"] >= 3
+    # --max-lsb 0 holds the same run to bit-exactness: it passes only if no tensor is off.
+    res0 = CliRunner().invoke(deploy_cmd, [str(out), "--rpc", f"127.0.0.1:{server}",
+                                           "--max-lsb", "0", "--repeat", "1"])  # fmt: skip
+    assert res0.exit_code == (0 if lw["max_lsb"] == 0 else 1), res0.output
 
 
 def test_deploy_gate_fails_with_exit_1(build: Path, server: int, tmp_path: Path) -> None:
@@ -314,6 +345,14 @@ def test_deploy_arm64_to_emulated_aarch64_server(
         assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] and lat["samples"] == 5
         text = log.read_text()
         assert "load_module" in text, text  # the emulated server loaded the library
+        # An int8 build (NEON int8 kernels) on the same emulated device: the layer-by-layer gate.
+        int8 = _int8_build(np.random.default_rng(6), "arm64", tmp_path / "arm64-int8")
+        js8 = tmp_path / "deploy8.json"
+        res = CliRunner().invoke(deploy_cmd, [str(int8), "--rpc", f"127.0.0.1:{port}", "--json",
+                                              str(js8), "--repeat", "2"])  # fmt: skip
+        assert res.exit_code == 0, res.output + log.read_text()[-2000:]
+        lw = json.loads(js8.read_text())["layerwise"]
+        assert lw["status"] == "passed" and lw["max_lsb"] <= 1, lw
         qemu = re.search(r"pid (\d+)", text)
         assert qemu, text
         proc.terminate()

@@ -19,6 +19,16 @@ tvm = pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
 X86 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"}  # AVX2, FMA
+ZNVER4 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"}  # + AVX-512 VNNI
+
+
+def _host_has_vnni() -> bool:
+    """Whether this machine can run AVX-512 VNNI code (the VNNI kernels are built for znver4)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return all(f" {f}" in flags for f in ("avx512_vnni", "avx512bw", "avx512vl"))
 
 
 def _module(func: Any, consts: list[np.ndarray], x: np.ndarray, out_shape: tuple[int, ...],
@@ -121,6 +131,49 @@ def test_conv_is_bit_exact(name: str) -> None:
     y = _run(func, consts, x, ref.shape, args["out_dtype"], target)
     assert y.dtype == ref.dtype and y.shape == ref.shape
     np.testing.assert_array_equal(y, ref)
+
+
+VNNI_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "1x1 stride 2", "3x3 s1 p1", "3x3 s1 p1 7x7 odd C",
+              "3x3 s2 p1 int8", "7x7 s2 p3 C=3", "3x3 s1 C=3 int8, O=10", "5x5 s2 C=1",
+              "shift > 31, relu6 clamp", "small shift", "3x3 dilation 2 s2", "batch 2 3x3",
+              "batch 2 1x1"]  # fmt: skip
+
+
+@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI (+BW, VL)")
+@pytest.mark.parametrize("isa", ["vnni", "vnni256", "vnni512"])
+@pytest.mark.parametrize("name", VNNI_CASES)
+def test_vnni_conv_is_bit_exact(name: str, isa: str) -> None:
+    args = _case(**CASES[name])
+    x = args.pop("x")
+    ref = K.reference_conv2d_int8(x, **args)
+    target = tvm.target.Target(ZNVER4)
+    got = K.conv2d_int8(x.shape, str(x.dtype), target=target,
+                        isa=None if isa == "vnni" else isa, **args)  # fmt: skip
+    assert got is not None
+    func, consts = got
+    # The default on a VNNI target is the VNNI kernel.
+    assert "vpdpbusd" in func.script() and "pmadd.wd" not in func.script()
+    assert all(a.dtype == np.int32 for a in consts)
+    y = _run(func, consts, x, ref.shape, args["out_dtype"], target)
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_vnni_is_chosen_by_the_target() -> None:
+    # Building (not running) needs no VNNI on this machine: the choice follows the target.
+    args = _case(c=8, o=8, hw=(6, 6), k=3, s=1, pad=1)
+    x = args.pop("x")
+    cpus = [("znver4", True), ("icelake-server", True), ("sapphirerapids", True),
+            ("znver3", False), ("haswell", False), ("skylake-avx512", False)]  # fmt: skip
+    for cpu, vnni in cpus:
+        target = tvm.target.Target(dict(ZNVER4, mcpu=cpu))
+        assert K.supports_vnni(target) == vnni, cpu
+        func, _ = K.conv2d_int8(x.shape, "uint8", target=target, **args)
+        assert ("vpdpbusd" in func.script()) == vnni, cpu
+    func, _ = K.conv2d_int8(x.shape, "uint8", target=tvm.target.Target(ZNVER4), isa="avx2",
+                            **args)  # fmt: skip
+    assert "vpdpbusd" not in func.script()
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert not K.supports_vnni(arm)
 
 
 def test_requantize_saturates_and_rounds_like_the_reference() -> None:

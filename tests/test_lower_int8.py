@@ -244,7 +244,11 @@ def test_compile_int8_cli(tmp_path: Path) -> None:
     manifest = json.loads((out / lower.MANIFEST).read_text())
     assert manifest["compile"]["int8"]["integer_groups"] == 3
     assert manifest["source"]["path"].endswith("model.int8.onnx")
-    assert not list(out.glob(".layerwise-*"))  # the check's scratch build is gone
+    assert not list(out.glob(".layerwise-*"))  # no scratch folder left behind
+    # The layer-by-layer build that verification ran (and deploy runs on the device).
+    lw = json.loads((out / lower.LAYERWISE / lower.MANIFEST).read_text())
+    assert len(lw["outputs"]) == manifest["verification"]["tensors"]
+    assert manifest["compile"]["int8"]["layerwise"] == lower.LAYERWISE
 
 
 def test_compile_calib_without_int8_is_a_usage_error(tmp_path: Path) -> None:
