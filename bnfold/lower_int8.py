@@ -47,6 +47,16 @@ logger = logging.getLogger(__name__)
 
 INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 MAX_SHIFT = 62
+# Ops whose output values are input values: run on the quantized tensor when the quantize
+# after them repeats the input's scale and zero point (quantize_int8's "pass-through" ops).
+PASSTHROUGH_OPS = (
+    "relax.nn.max_pool2d",
+    "relax.reshape",
+    "relax.permute_dims",
+    "relax.squeeze",
+    "relax.expand_dims",
+    "relax.flatten",
+)
 
 
 @dataclasses.dataclass
@@ -278,6 +288,9 @@ def rewrite(
             if s_y is None or z_y is None or out_dtype not in INT_RANGES:
                 return "quantize: output scale/zero point not constant scalars"
             e = self.value(q.args[0])
+            moved = self.passthrough(e, s_y, z_y, out_dtype, name)
+            if moved is not None:
+                return moved
             acts: list[tuple[str, np.ndarray]] = []  # outermost first
             while True:
                 act = self.activation(e)
@@ -351,6 +364,22 @@ def rewrite(
                 kind, e, x.args[0], int(z_x), w_q, transpose, b_eff.astype(np.int32),
                 mult, shift, int(z_y), out_dtype, clamp, name,
             )  # fmt: skip
+
+        def passthrough(self, e: Any, s_y: float, z_y: float, dtype: str, name: str) -> Any:
+            """``quantize(op(dequantize(x_q, s, z)), s, z)`` for an op that only moves or
+            selects values (max pooling, reshapes): ``op(x_q)``, exactly (dequantize is
+            increasing and ``quantize(dequantize(v)) == v``); None if ``e`` is not that."""
+            op = _op_name(e)
+            if op not in PASSTHROUGH_OPS:
+                return None
+            x = self.value(e.args[0])
+            if _op_name(x) != "relax.dequantize" or str(x.args[0].ty.dtype) != dtype:
+                return None
+            if (_scalar(x.args[1]), _scalar(x.args[2])) != (s_y, z_y) or s_y <= 0:
+                return None
+            y = self.builder_.emit(relax.Call(e.op, [x.args[0], *e.args[1:]], e.attrs))
+            records.append(Int8Record(name, op.split(".")[-1], how="relax"))
+            return y
 
         def activation(self, e: Any) -> tuple[str, np.ndarray, Any] | None:
             """``(max|min, bound, input)`` if ``e`` is an activation with a constant bound, as

@@ -15,6 +15,8 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   padding becomes a border fill plus a condition-free copy.
 - ``matmul``: batch-1 dense layers whose output columns are contiguous in the weight: column
   tiles vectorized, reduction outside, tiles in parallel.
+- ``pool``: 8-bit max pooling (int8 models): padded rows made where they are read, rows in
+  parallel.
 - ``elementwise``: injective-only functions: producers inlined, the innermost loop vectorized,
   the outer ones run in parallel.
 
@@ -222,6 +224,37 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
     return sch, conv_kind(int(ery), int(erx), depthwise)  # type: ignore[arg-type]
 
 
+def _pool(func: Any, target: Any) -> tuple[Any, str] | None:
+    """An 8-bit windowed pool (``max_pool2d`` of an int8 model: one reduction over the window
+    after an optional padded copy): the padded rows are made per output row, where they are
+    read, and rows run in parallel. Measured on a 64 x 112 x 112 3x3/2 max pool (1 thread):
+    uint8 0.33 -> 0.10 ms. Float pools are left to TVM's default loops, which were faster for
+    them (0.18 ms against 0.25-0.42 for every variant tried: vectorized rows, unrolled window,
+    parallel rows)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reductions) != 1 or "pool" not in sch.get(reductions[0]).name_hint:
+        return None
+    pool = reductions[0]
+    kinds = [int(iv.iter_type) for iv in sch.get(pool).iter_vars]
+    if kinds != [0, 0, 0, 0, 2, 2]:  # n, c, y, x spatial | window rows, columns
+        return None
+    if str(sch.get(pool).writes[0].source.dtype) not in ("uint8", "int8"):
+        return None
+    before, after = blocks[: blocks.index(pool)], blocks[blocks.index(pool) + 1 :]
+    if after:
+        return None
+    n, c, y, _, _, _ = sch.get_loops(pool)
+    outer = sch.fuse(n, c, y)
+    for b in reversed(before):
+        sch.compute_at(b, outer)
+    sch.parallel(outer)
+    return sch, "pool"
+
+
 def conv_kind(kh: int, kw: int, depthwise: bool) -> str:
     """``depthwise``, or ``conv{kh}x{kw}`` (``conv1x1``, ``conv3x3``) for a conv window."""
     if depthwise:
@@ -321,6 +354,7 @@ def _plain_copy_input(sch: Any, before: list[Any], ey: int, ex: int) -> bool:
 _RULES: tuple[tuple[str, Any], ...] = (
     ("bnfold_conv", _conv),
     ("bnfold_matmul", _matmul),
+    ("bnfold_pool", _pool),
     ("bnfold_elementwise", _elementwise),
 )
 
