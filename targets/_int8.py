@@ -383,11 +383,23 @@ def conv2d_int8(
             return _dense_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
                                out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
                                (n, o, oh, ow))  # fmt: skip
-        if (isa is None and supports_vnni(target)) or isa in ("vnni", "vnni256", "vnni512"):
-            vl = {"vnni256": 8, "vnni512": 16}.get(isa or "", vnni_lanes(geo.ow))
+        if (isa is None and supports_vnni(target)) or isa in ("vnni", "vnni256", "vnni512",
+                                                                  "vnnioc"):
+            vl = {"vnni256": 8, "vnni512": 16, "vnnioc": 16}.get(isa or "", vnni_lanes(geo.ow))
+            # Rows that leave lanes empty (7, 14, 28 columns): output channels on the lanes
+            # (3x3 512ch 7x7 0.52 ms vs 0.59; 256ch 14x14 0.53 vs 0.59; 128ch 28x28 0.55 vs
+            # 0.59). Not for 1x1 convs (1x1 s2 64->128: 0.09 vs 0.07 ms).
+            ocl = isa == "vnnioc" or (
+                isa in (None, "vnni") and tile is None and kh * kw > 1 and o >= 32
+                and geo.ow % vl != 0
+            )  # fmt: skip
+            if ocl:
+                vl = 16
+            if ocl and tile is None:
+                tile = choose_tile_vnni_oc(o, geo.oh, geo.ow, geo.kw)
             return _dense_vnni(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
                                out_zero_point, out_dtype, clamp, tile, vl, (n, c, h, w),
-                               (n, o, oh, ow))  # fmt: skip
+                               (n, o, oh, ow), ocl)  # fmt: skip
         kp = (kw + 1) // 2
         if dw == 1 and sw in (1, 2) and kw > 1 and c * kp <= (c + 1) // 2 * kw:
             # Few odd channels (an RGB input): pairing kernel taps wastes fewer lanes than
@@ -695,12 +707,14 @@ def choose_tile_vnni(o: int, oh: int, ow: int, kw: int, lanes: int) -> Tile:
     Budget: ``obn*yt*xv`` accumulators + the ``yt*xv`` activation vectors of one step + 2
     temporaries <= 32 (the weight words are broadcast from memory by the ``vpdpbusd`` itself).
     The accumulator limit is lower with a kernel row unrolled, where LLVM keeps operands
-    across taps."""
+    across taps. Output maps of 5 to 8 rows may take all rows in one tile (no overlapping row
+    tile: 3x3 512ch 7x7, 2 channels x 7 rows 0.59 ms, 4 x 4 rows 0.67 ms)."""
     best: tuple[float, Tile] | None = None
     vecs = -(-ow // lanes)
     limit = 24 if kw == 1 else 16
+    rows = ([oh] if 4 < oh <= 8 else []) + list(range(min(oh, 4), 0, -1))
     for obn in (1, 2, 3, 4, 6, 8, 12, 16):
-        for yt in range(min(oh, 4), 0, -1):
+        for yt in rows:
             for xv in range(1, min(vecs, 4) + 1):
                 acc = obn * yt * xv
                 if acc > limit or acc + yt * xv + 2 > 32:
@@ -712,6 +726,41 @@ def choose_tile_vnni(o: int, oh: int, ow: int, kw: int, lanes: int) -> Tile:
                     best = (cost, Tile(obn, yt, xv))
     assert best is not None
     return best[1]
+
+
+def choose_tile_vnni_oc(o: int, oh: int, ow: int, kw: int) -> Tile:
+    """The tile of the VNNI kernel with output channels on the 16 lanes: ``obn`` = 16 x J
+    channels x ``yt`` rows x ``xv`` columns; per step J weight vectors and ``yt * xv``
+    activation broadcasts. One row (measured, 3x3 512ch 7x7: 2 x 16 channels x 7 columns
+    0.52 ms, x 7 rows 0.53 ms; 3x3 128ch 28x28: 0.55 ms, 4 rows x 1 column 0.57 ms)."""
+    best: tuple[float, Tile] | None = None
+    limit = 24 if kw == 1 else 16
+    for j in (1, 2):  # 3 x 16 channels: 0.54 ms, 4 x 16 x 4 columns: 0.57 (28x28)
+        for yt in (1,):
+            for xv in range(1, min(ow, 16) + 1):
+                acc = j * yt * xv
+                if acc > limit or acc + j + 2 > 32:
+                    continue
+                work = (-(-o // (16 * j)) * 16 * j) * (-(-oh // yt) * yt) * (-(-ow // xv) * xv)
+                cost = work * (acc + yt * xv + j + 2) / acc
+                if best is None or cost < best[0]:
+                    best = (cost, Tile(16 * j, yt, xv))
+    assert best is not None
+    return best[1]
+
+
+def _requant_lanes(T: Any, acc: Any, m: Any, s: Any, zp: int, qmin: int, qmax: int,
+                   lanes: int) -> Any:  # fmt: skip
+    """:func:`_requant_vec` with a channel per lane (``m``, ``s``: int32 vectors): in int64
+    throughout, exact without the clamp (``|acc * m| < 2**62``, the rounding term
+    ``<= 2**61``)."""
+    i64 = f"int64x{lanes}"
+    s64 = T.cast(s, i64)
+    one = T.broadcast(T.int64(1), lanes)
+    v = T.shift_right(T.cast(acc, i64) * T.cast(m, i64) + T.shift_left(one, s64 - one), s64)
+    v = v + T.broadcast(T.int64(zp), lanes)
+    v = T.max(T.min(v, T.broadcast(T.int64(qmax), lanes)), T.broadcast(T.int64(qmin), lanes))
+    return T.cast(v, f"int32x{lanes}")
 
 
 def vnni_lanes(ow: int) -> int:
@@ -736,6 +785,7 @@ def _dense_vnni(
     vl: int,
     x_shape: tuple[int, int, int, int],
     out_shape: tuple[int, int, int, int],
+    ocl: bool = False,
 ) -> tuple[Any, list[np.ndarray]]:
     """AVX-512 VNNI: ``vpdpbusd`` (u8 x s8, 4 products summed into each int32 lane) on
     ``vl`` = 16 (zmm) or 8 (ymm, AVX512VL) lanes.
@@ -753,12 +803,27 @@ def _dense_vnni(
     KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
     PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
     VL = vl
+    # Few input channels (an RGB input, 3 x 7x7): the quads run over (channel, kx) taps of a
+    # kernel row instead of channels (21 taps in 6 quads, not 7 quads of 3 channels). The
+    # repack writes, per padded input row and output column x, the bytes
+    # xpad[c, row, x * SW + kx] of tap c * KW + kx; the kernel is then a KH x 1 conv over C * KW
+    # channels with column stride 1.
+    TAPS = KW > 1 and DW == 1 and C < 4 and -(-C * KW // 4) < KW * -(-C // 4)
+    C0, KW0, SW0, PL0 = C, KW, SW, PL
+    if TAPS:
+        weight = np.ascontiguousarray(weight.transpose(0, 1, 3, 2).reshape(O, C * KW, KH, 1))
+        C, KW, SW, DW, PL = C * KW, 1, 1, 1, 0
     if tile is None:
         tile = choose_tile_vnni(O, OH, OW, KW, VL)
     OBN, YT, XV = tile.obn, tile.yt, tile.xv
+    # Output channels on the lanes: a tile is OBN = OCJ x 16 channels x YT rows x XV columns.
+    OCL = ocl
+    OCJ = OBN // 16
+    if OCL:
+        assert VL == 16 and OBN % 16 == 0 and XV <= OW and YT <= OH
     CQ = (C + 3) // 4
     OB = -(-O // OBN)
-    TX = XV * VL
+    TX = XV if OCL else XV * VL
     NX = -(-OW // TX)
     NY = -(-OH // YT)  # the last row tile is moved up to end at OH (overlapping the one before)
     HP = (OH - 1) * SH + (KH - 1) * DH + 1
@@ -767,6 +832,9 @@ def _dense_vnni(
     NR, NT = N * CQ * HP, N * OB * NY * NX
     # Padded input rows as bytes (strided repack), long enough for the last SW*VL-byte load.
     RWD = -(-(SW * WQ + SW * VL) // VL) * VL
+    if TAPS:
+        NR = N * HP
+        RWD = -(-(SW0 * WQ + KW0 + SW0 * VL) // VL) * VL
     qmin, qmax = clamp
     ZP = int(x_zero_point)
     SHIFTED = x_dtype == "int8"
@@ -787,6 +855,7 @@ def _dense_vnni(
     ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
                           OB * OBN)  # fmt: skip
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
+    EPS = (EP_COLS, OB * OBN) if OCL else (OB * OBN, EP_COLS)
 
     def quad(b: list[Any], lanes: int) -> Any:
         """int32 word(s) of 4 activation bytes loaded as int32 (``lanes`` 1: a scalar). Shifts
@@ -810,114 +879,209 @@ def _dense_vnni(
     def conv_vnni(
         x: T.Buffer(x_shape, x_dtype),
         wq_: T.Buffer((OB, CQ, KH, KW, OBN), "int32"),
-        ep_: T.Buffer((OB * OBN, EP_COLS), "int32"),
+        ep_: T.Buffer(EPS, "int32"),
         out: T.Buffer(out_shape, out_dtype),
     ):
         T.func_attr({"global_symbol": "conv2d_int8", "tirx.noalias": True})
-        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
+        xf = T.decl_buffer((N * C0 * H * W,), x_dtype, data=x.data)
         of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
         xw = T.alloc_buffer((XSIZE,), "int32")
         # Stage 1: repack the activation into quad words, padded, stride phases split.
-        for chunk in T.parallel(_chunks(NR)):
-            rowb = T.alloc_buffer((4 * RWD + VL,), x_dtype, scope="local")
-            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
-                nn = T.Bind(r // (CQ * HP))
-                cq = T.Bind(r // HP % CQ)
-                row = T.Bind(r % HP - PT)
-                # Channels beyond C read channel C-1 again; their weight bytes are zero.
-                c0 = T.Bind((nn * C + T.min(4 * cq, C - 1)) * H * W)
-                c1 = T.Bind((nn * C + T.min(4 * cq + 1, C - 1)) * H * W)
-                c2 = T.Bind((nn * C + T.min(4 * cq + 2, C - 1)) * H * W)
-                c3 = T.Bind((nn * C + T.min(4 * cq + 3, C - 1)) * H * W)
-                base = T.Bind(r * SW * WQ)
-                if row < 0 or row >= H:
-                    for q in range(SW * WQ):
-                        xw[base + q] = ZPW
-                elif SW == 1:
-                    for q in range(PL):
-                        xw[base + q] = ZPW
-                    for v in range(W // VL):
-                        at = row * W + v * VL
-                        xw[T.ramp(base + PL + v * VL, 1, VL)] = quad(
-                            [T.cast(xf[T.ramp(cc + at, 1, VL)], f"int32x{VL}")
-                             for cc in (c0, c1, c2, c3)], VL,
-                        )  # fmt: skip
-                    for q in range(W // VL * VL, W):
-                        xw[base + PL + q] = quad(
-                            [T.cast(xf[cc + row * W + q], "int32") for cc in (c0, c1, c2, c3)], 1
-                        )
-                    for q in range(PL + W, WQ):
-                        xw[base + q] = ZPW
-                else:
-                    # Strided: the 4 channels' padded rows as bytes, then VL words per step,
-                    # each channel's phase taken from one SW*VL-byte load by a byte shuffle
-                    # (constant indices: the phase moves the load).
-                    for k in T.unroll(4):
-                        src = T.Bind((nn * C + T.min(4 * cq + k, C - 1)) * H * W + row * W)
+        if TAPS:
+            for chunk in T.parallel(_chunks(NR)):
+                rowt = T.alloc_buffer((C0 * RWD + VL,), x_dtype, scope="local")
+                for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                    nn = T.Bind(r // HP)
+                    row = T.Bind(r % HP - PT)
+                    if row < 0 or row >= H:
+                        for cq in range(CQ):
+                            for q in range(WQ):
+                                xw[((nn * CQ + cq) * HP + r % HP) * WQ + q] = ZPW
+                    else:
+                        for k in T.unroll(C0):
+                            src = T.Bind((nn * C0 + k) * H * W + row * W)
+                            for q in range(PL0):
+                                rowt[k * RWD + q] = T.cast(ZP, x_dtype)
+                            for v in range(W // VL):
+                                rowt[T.ramp(k * RWD + PL0 + v * VL, 1, VL)] = xf[
+                                    T.ramp(src + v * VL, 1, VL)
+                                ]
+                            for q in range(W // VL * VL, W):
+                                rowt[k * RWD + PL0 + q] = xf[src + q]
+                            for v in range((RWD - PL0 - W + VL - 1) // VL):
+                                rowt[T.ramp(k * RWD + PL0 + W + v * VL, 1, VL)] = T.broadcast(
+                                    T.cast(ZP, x_dtype), VL
+                                )
+                        for cq in T.unroll(CQ):
+                            for v in range(WQ // VL):
+                                xw[T.ramp(((nn * CQ + cq) * HP + r % HP) * WQ + v * VL, 1, VL)] = (
+                                    quad([T.cast(T.Shuffle(
+                                        [rowt[T.ramp(T.min(4 * cq + k, C - 1) // KW0 * RWD
+                                                     + T.min(4 * cq + k, C - 1) % KW0
+                                                     + v * SW0 * VL, 1, SW0 * VL)]],
+                                        [SW0 * i for i in range(VL)]), f"int32x{VL}")
+                                        for k in range(4)], VL)
+                                )  # fmt: skip
+                            for q in range(WQ // VL * VL, WQ):
+                                xw[((nn * CQ + cq) * HP + r % HP) * WQ + q] = quad(
+                                    [T.cast(rowt[T.min(4 * cq + k, C - 1) // KW0 * RWD
+                                                 + T.min(4 * cq + k, C - 1) % KW0 + q * SW0],
+                                            "int32") for k in range(4)], 1)  # fmt: skip
+        else:
+            for chunk in T.parallel(_chunks(NR)):
+                rowb = T.alloc_buffer((4 * RWD + VL,), x_dtype, scope="local")
+                for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
+                    nn = T.Bind(r // (CQ * HP))
+                    cq = T.Bind(r // HP % CQ)
+                    row = T.Bind(r % HP - PT)
+                    # Channels beyond C read channel C-1 again; their weight bytes are zero.
+                    c0 = T.Bind((nn * C + T.min(4 * cq, C - 1)) * H * W)
+                    c1 = T.Bind((nn * C + T.min(4 * cq + 1, C - 1)) * H * W)
+                    c2 = T.Bind((nn * C + T.min(4 * cq + 2, C - 1)) * H * W)
+                    c3 = T.Bind((nn * C + T.min(4 * cq + 3, C - 1)) * H * W)
+                    base = T.Bind(r * SW * WQ)
+                    if row < 0 or row >= H:
+                        for q in range(SW * WQ):
+                            xw[base + q] = ZPW
+                    elif SW == 1:
                         for q in range(PL):
-                            rowb[k * RWD + q] = T.cast(ZP, x_dtype)
+                            xw[base + q] = ZPW
                         for v in range(W // VL):
-                            rowb[T.ramp(k * RWD + PL + v * VL, 1, VL)] = xf[
-                                T.ramp(src + v * VL, 1, VL)
-                            ]
-                        for q in range(W // VL * VL, W):
-                            rowb[k * RWD + PL + q] = xf[src + q]
-                        for v in range((RWD - PL - W + VL - 1) // VL):
-                            rowb[T.ramp(k * RWD + PL + W + v * VL, 1, VL)] = T.broadcast(
-                                T.cast(ZP, x_dtype), VL
-                            )
-                    for ph in range(SW):
-                        for v in range(WQ // VL):
-                            xw[T.ramp(base + ph * WQ + v * VL, 1, VL)] = quad(
-                                [T.cast(T.Shuffle([rowb[T.ramp(k * RWD + v * SW * VL + ph, 1,
-                                                               SW * VL)]],
-                                                  [SW * i for i in range(VL)]),
-                                        f"int32x{VL}")
-                                 for k in range(4)], VL,
+                            at = row * W + v * VL
+                            xw[T.ramp(base + PL + v * VL, 1, VL)] = quad(
+                                [T.cast(xf[T.ramp(cc + at, 1, VL)], f"int32x{VL}")
+                                 for cc in (c0, c1, c2, c3)], VL,
                             )  # fmt: skip
-                        for q in range(WQ // VL * VL, WQ):
-                            xw[base + ph * WQ + q] = quad(
-                                [T.cast(rowb[k * RWD + q * SW + ph], "int32") for k in range(4)], 1
-                            )
-        # Stage 2: register tiles of OBN channels x YT rows x XV vectors, in parallel chunks.
-        for chunk in T.parallel(_chunks(NT)):
-            acc = T.alloc_buffer((OBN * YT * XV * VL,), "int32", scope="local")
-            res = T.alloc_buffer((VL,), out_dtype, scope="local")
-            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
-                nn = T.Bind(t // (OB * NY * NX))
-                ob = T.Bind(t // (NY * NX) % OB)
-                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
-                x0 = T.Bind(t % NX * TX)
-                init(acc, ep_, ob)
-                for cq in range(CQ):
-                    for ky in range(KH):
-                        for kx in T.unroll(KW):
-                            for j in T.unroll(OBN):
+                        for q in range(W // VL * VL, W):
+                            xw[base + PL + q] = quad(
+                                [T.cast(xf[cc + row * W + q], "int32")
+                                 for cc in (c0, c1, c2, c3)], 1
+                            )  # fmt: skip
+                        for q in range(PL + W, WQ):
+                            xw[base + q] = ZPW
+                    else:
+                        # Strided: the 4 channels' padded rows as bytes, then VL words per step,
+                        # each channel's phase taken from one SW*VL-byte load by a byte shuffle
+                        # (constant indices: the phase moves the load).
+                        for k in T.unroll(4):
+                            src = T.Bind((nn * C + T.min(4 * cq + k, C - 1)) * H * W + row * W)
+                            for q in range(PL):
+                                rowb[k * RWD + q] = T.cast(ZP, x_dtype)
+                            for v in range(W // VL):
+                                rowb[T.ramp(k * RWD + PL + v * VL, 1, VL)] = xf[
+                                    T.ramp(src + v * VL, 1, VL)
+                                ]
+                            for q in range(W // VL * VL, W):
+                                rowb[k * RWD + PL + q] = xf[src + q]
+                            for v in range((RWD - PL - W + VL - 1) // VL):
+                                rowb[T.ramp(k * RWD + PL + W + v * VL, 1, VL)] = T.broadcast(
+                                    T.cast(ZP, x_dtype), VL
+                                )
+                        for ph in range(SW):
+                            for v in range(WQ // VL):
+                                xw[T.ramp(base + ph * WQ + v * VL, 1, VL)] = quad(
+                                    [T.cast(T.Shuffle([rowb[T.ramp(k * RWD + v * SW * VL + ph, 1,
+                                                                   SW * VL)]],
+                                                      [SW * i for i in range(VL)]),
+                                            f"int32x{VL}")
+                                     for k in range(4)], VL,
+                                )  # fmt: skip
+                            for q in range(WQ // VL * VL, WQ):
+                                xw[base + ph * WQ + q] = quad(
+                                    [T.cast(rowb[k * RWD + q * SW + ph], "int32")
+                                     for k in range(4)], 1
+                                )  # fmt: skip
+        if OCL:
+            # Stage 2, output channels on the lanes: tiles of J x 16 channels x YT rows x P
+            # columns (the last column tile moved left to end at OW), one activation word
+            # broadcast per pixel, one weight vector per 16 channels.
+            for chunk in T.parallel(_chunks(NT)):
+                acc = T.alloc_buffer((OBN * YT * XV,), "int32", scope="local")
+                res = T.alloc_buffer((VL,), out_dtype, scope="local")
+                for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                    nn = T.Bind(t // (OB * NY * NX))
+                    ob = T.Bind(t // (NY * NX) % OB)
+                    y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                    x0 = T.Bind(T.min(t % NX * XV, OW - XV))
+                    for i in T.unroll(YT * XV):
+                        for j in T.unroll(OCJ):
+                            acc[T.ramp((i * OCJ + j) * VL, 1, VL)] = ep_[
+                                0, T.ramp(ob * OBN + j * VL, 1, VL)
+                            ]
+                    for cq in range(CQ):
+                        for ky in range(KH):
+                            for kx in T.unroll(KW):
                                 for yy in T.unroll(YT):
-                                    for v in T.unroll(XV):
-                                        acc[slot(j, yy, v)] = T.call_llvm_pure_intrin(
-                                            f"int32x{VL}",
-                                            INTRIN,
-                                            acc[slot(j, yy, v)],
-                                            T.reinterpret(
-                                                BYTES,
-                                                xw[
-                                                    T.ramp(
+                                    for p in T.unroll(XV):
+                                        for j in T.unroll(OCJ):
+                                            acc[T.ramp(((yy * XV + p) * OCJ + j) * VL, 1, VL)] = (
+                                                T.call_llvm_pure_intrin(
+                                                    f"int32x{VL}", INTRIN,
+                                                    acc[T.ramp(((yy * XV + p) * OCJ + j) * VL, 1,
+                                                               VL)],
+                                                    T.reinterpret(BYTES, T.broadcast(xw[
                                                         ((((nn * CQ + cq) * HP + (y0 + yy) * SH
                                                            + ky * DH) * SW + kx * DW % SW) * WQ)
-                                                        + x0 + v * VL + kx * DW // SW,
-                                                        1,
-                                                        VL,
-                                                    )
-                                                ],
-                                            ),
-                                            T.reinterpret(
-                                                BYTES, T.broadcast(wq_[ob, cq, ky, kx, j], VL)
-                                            ),
-                                        )  # fmt: skip
-                store(acc, res, of, ep_, nn, ob, y0, x0)
+                                                        + x0 + p + kx * DW // SW], VL)),
+                                                    T.reinterpret(BYTES, wq_[
+                                                        ob, cq, ky, kx, T.ramp(j * VL, 1, VL)]),
+                                                )
+                                            )  # fmt: skip
+                    for yy in T.unroll(YT):
+                        for p in T.unroll(XV):
+                            for j in T.unroll(OCJ):
+                                o0 = T.Bind(ob * OBN + j * VL)
+                                res[T.ramp(0, 1, VL)] = T.cast(
+                                    _requant_lanes(
+                                        T, acc[T.ramp(((yy * XV + p) * OCJ + j) * VL, 1, VL)],
+                                        ep_[3, T.ramp(o0, 1, VL)],
+                                        ep_[4, T.ramp(o0, 1, VL)] + ep_[5, T.ramp(o0, 1, VL)],
+                                        out_zero_point, qmin, qmax, VL),
+                                    f"{out_dtype}x{VL}")  # fmt: skip
+                                for lane in range(VL):
+                                    if o0 + lane < O:
+                                        of[((nn * O + o0 + lane) * OH + y0 + yy) * OW + x0 + p] = (
+                                            res[lane]
+                                        )
+        else:
+            for chunk in T.parallel(_chunks(NT)):
+                acc = T.alloc_buffer((OBN * YT * XV * VL,), "int32", scope="local")
+                res = T.alloc_buffer((VL,), out_dtype, scope="local")
+                for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
+                    nn = T.Bind(t // (OB * NY * NX))
+                    ob = T.Bind(t // (NY * NX) % OB)
+                    y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
+                    x0 = T.Bind(t % NX * TX)
+                    init(acc, ep_, ob)
+                    for cq in range(CQ):
+                        for ky in range(KH):
+                            for kx in T.unroll(KW):
+                                for j in T.unroll(OBN):
+                                    for yy in T.unroll(YT):
+                                        for v in T.unroll(XV):
+                                            acc[slot(j, yy, v)] = T.call_llvm_pure_intrin(
+                                                f"int32x{VL}",
+                                                INTRIN,
+                                                acc[slot(j, yy, v)],
+                                                T.reinterpret(
+                                                    BYTES,
+                                                    xw[
+                                                        T.ramp(
+                                                            ((((nn * CQ + cq) * HP + (y0 + yy) * SH
+                                                               + ky * DH) * SW + kx * DW % SW) * WQ)
+                                                            + x0 + v * VL + kx * DW // SW,
+                                                            1,
+                                                            VL,
+                                                        )
+                                                    ],
+                                                ),
+                                                T.reinterpret(
+                                                    BYTES, T.broadcast(wq_[ob, cq, ky, kx, j], VL)
+                                                ),
+                                            )  # fmt: skip
+                    store(acc, res, of, ep_, nn, ob, y0, x0)
 
-    return _finish(conv_vnni), [wq, ep]
+    return _finish(conv_vnni), [wq, np.ascontiguousarray(ep.T) if OCL else ep]
 
 
 # --------------------------------------------------------------------------------------------

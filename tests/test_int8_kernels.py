@@ -115,6 +115,12 @@ CASES = {
     "batch 2 3x3": dict(c=16, o=16, hw=(9, 9), k=3, s=1, pad=1, n=2),
     "batch 2 1x1": dict(c=6, o=10, hw=(5, 7), k=1, s=1, pad=0, n=2),
     "batch 2 depthwise": dict(c=8, o=8, hw=(9, 9), k=3, s=2, pad=1, groups=8, n=2),
+    # VNNI: output channels on the lanes (rows of 7 / 14 / 28 columns), (channel, kx) quads.
+    "3x3 s1 p1 14x14 O=40": dict(c=20, o=40, hw=(14, 14), k=3, s=1, pad=1),
+    "3x3 s2 p1 int8 O=48 7 cols": dict(c=24, o=48, hw=(14, 13), k=3, s=2, pad=1, x_dtype="int8",
+                                       out_dtype="int8", shifts=(20, 62), clamp=(-100, 90)),
+    "7x7 s2 p3 C=3 int8 O=40": dict(c=3, o=40, hw=(26, 22), k=7, s=2, pad=3, x_dtype="int8"),
+    "5x5 s1 C=2 batch 2": dict(c=2, o=12, hw=(9, 13), k=5, s=1, pad=2, n=2),
 }
 
 
@@ -136,11 +142,12 @@ def test_conv_is_bit_exact(name: str) -> None:
 VNNI_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "1x1 stride 2", "3x3 s1 p1", "3x3 s1 p1 7x7 odd C",
               "3x3 s2 p1 int8", "7x7 s2 p3 C=3", "3x3 s1 C=3 int8, O=10", "5x5 s2 C=1",
               "shift > 31, relu6 clamp", "small shift", "3x3 dilation 2 s2", "batch 2 3x3",
-              "batch 2 1x1"]  # fmt: skip
+              "batch 2 1x1", "3x3 s1 p1 14x14 O=40", "3x3 s2 p1 int8 O=48 7 cols",
+              "7x7 s2 p3 C=3 int8 O=40", "5x5 s1 C=2 batch 2"]  # fmt: skip
 
 
 @pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI (+BW, VL)")
-@pytest.mark.parametrize("isa", ["vnni", "vnni256", "vnni512"])
+@pytest.mark.parametrize("isa", ["vnni", "vnni256", "vnni512", "vnnioc"])
 @pytest.mark.parametrize("name", VNNI_CASES)
 def test_vnni_conv_is_bit_exact(name: str, isa: str) -> None:
     args = _case(**CASES[name])
