@@ -11,8 +11,10 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   row, so no tail predicate), ``fi`` unrolled, i.e. ``fi`` vector accumulators kept in registers
   while the reduction (channels, kernel window) runs around them; the epilogue (bias, clip,
   residual add) is applied to the tile straight from the accumulators; tiles run in parallel.
-  A depthwise conv (one channel per tile) takes several rows per tile instead. The zero
-  padding becomes a border fill plus a condition-free copy.
+  A depthwise conv (one channel per tile) takes several rows per tile instead. Rows narrower
+  than a vector (7x7 and 14x14 maps) put output channels on the lanes instead, with weights
+  transposed at compile time (:func:`channels_last_weights`). The zero padding becomes a border
+  fill plus a condition-free copy.
 - ``matmul``: batch-1 dense layers whose output columns are contiguous in the weight: column
   tiles vectorized, reduction outside, tiles in parallel.
 - ``pool``: 8-bit max pooling (int8 models): padded rows made where they are read, rows in
@@ -187,6 +189,8 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
     else:
         for b in before:
             _schedule_pad(sch, b, lanes)
+    if _weights_channels_last(sch, conv):
+        return _conv_channel_lanes(sch, conv, epilogue, ext, lanes)  # type: ignore[arg-type]
     xi_n = _row_tile(ex, lanes)
     xo, xi = sch.split(x, factors=[None, xi_n])
     vregs = -(-xi_n // lanes)
@@ -222,6 +226,118 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
     sch.parallel(sch.fuse(n, fo, yo))
     sch.decompose_reduction(conv, rc)
     return sch, conv_kind(int(ery), int(erx), depthwise)  # type: ignore[arg-type]
+
+
+def _weights_channels_last(sch: Any, conv: Any) -> bool:
+    """Whether the conv reads its weights with the output channel innermost (``IHWO``, set by
+    :func:`channels_last_weights`)."""
+    block = sch.get(conv)
+    f_var = block.iter_vars[1].var
+    for region in block.reads:
+        if len(region.region) == 4 and region.region[3].min.same_as(f_var):
+            return True
+    return False
+
+
+def _conv_channel_lanes(
+    sch: Any, conv: Any, epilogue: Any, ext: list[int], lanes: int
+) -> tuple[Any, str]:
+    """A conv whose output rows are narrower than a vector (7x7 maps): output channels on the
+    lanes instead of columns. A tile is ``J`` vectors of channels x ``xi`` columns of a row:
+    per reduction step ``J`` weight vectors (contiguous: ``IHWO`` weights) and ``xi`` broadcast
+    activations feed ``J * xi`` multiply-adds. The epilogue stores each vector with the
+    channel stride (a scatter), once per tile."""
+    _, ef, _, ex, _, ery, erx = ext
+    n, f, y, x, rc, ry, rx = sch.get_loops(conv)
+    budget = 16 if lanes >= 16 else 8
+    j = 2 if ef % (2 * lanes) == 0 and ex <= budget // 2 else 1
+    fi_n = j * lanes
+    xi_n = ex if ex * j <= budget else _divisor_at_most(ex, budget // j)
+    fo, fi = sch.split(f, factors=[None, fi_n])
+    xo, xi = sch.split(x, factors=[None, xi_n])
+    sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi)
+    acc = sch.cache_write(conv, 0, "local")
+    # Channels innermost in the accumulator tile, so that each vector is contiguous (and
+    # becomes registers).
+    sch.transform_layout(conv, ("write", 0), lambda n_, f_, y_, x_: (n_, y_, x_, f_))
+    sch.reverse_compute_at(acc, xo)
+    if epilogue is not None:
+        sch.reverse_compute_at(epilogue, xo)
+        sch.compute_inline(acc)
+        acc = epilogue
+    inner = sch.get_loops(acc)[4:]
+    channel = next(lp for lp in inner if _extent(sch, lp) == fi_n)
+    others = [lp for lp in inner if not lp.same_as(channel)]
+    sch.reorder(*others, channel)
+    for lp in others:
+        sch.unroll(lp)
+    sch.vectorize(channel)
+    sch.vectorize(fi)
+    sch.unroll(xi)
+    if ery * erx <= 9:
+        sch.unroll(rx)
+    sch.parallel(sch.fuse(n, fo, y))
+    sch.decompose_reduction(conv, rc)
+    return sch, conv_kind(int(ery), int(erx), False) + " (channel lanes)"
+
+
+def channels_last_weights(target: Any) -> Any:
+    """A Relax pass: a dense NCHW conv2d whose output rows are narrower than a vector (7x7 and
+    14x14 maps on AVX-512, 7x7 on AVX2) and whose output channels fill whole vectors gets its
+    constant weights transposed to ``IHWO`` at compile time, so that :func:`_conv` can put
+    the output channels on the lanes (with columns on the lanes, a 7-column row uses 7 of 16).
+    Measured, 1 thread, Zen 4 (AVX-512), ms before -> after: 1x1 320->1280 7x7 0.568 -> 0.392,
+    160->960 7x7 0.226 -> 0.158, 96->576 14x14 0.252 -> 0.237, 3x3 256->256 14x14 2.34 -> 2.10,
+    3x3 s2 128->256 28x28 1.30 -> 1.16; MobileNetV2 11.1 -> 10.7, ResNet-18 41.7 -> 39.6."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    lanes = _vector_lanes(target)
+
+    def wanted(call: Any) -> bool:
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+            return False
+        a = call.attrs
+        w = call.args[1]
+        if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+            return False
+        if int(a.groups) != 1 or not isinstance(w, tvm.ir.expr.Constant):
+            return False
+        if str(w.value.dtype) != "float32":
+            return False
+        shape = getattr(call.ty, "shape", None)
+        if shape is None or len(shape.values) != 4:
+            return False
+        try:
+            o, ow = int(shape.values[1]), int(shape.values[3])
+        except TypeError:  # symbolic
+            return False
+        return o % lanes == 0 and ow < lanes
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = self.visit_expr_post_order(call)
+            if not wanted(call):
+                return call
+            a = call.attrs
+            weight = np.ascontiguousarray(call.args[1].value.numpy().transpose(1, 2, 3, 0))
+            return relax.op.nn.conv2d(
+                call.args[0], relax.const(weight), strides=a.strides, padding=a.padding,
+                dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="IHWO",
+                out_layout="NCHW", out_dtype=a.out_dtype,
+            )  # fmt: skip
+
+    @tvm.transform.module_pass(opt_level=0, name="bnfold.ChannelsLastWeights")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        mutator = _Mutator(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                mutator.builder_.update_func(gv, mutator.visit_expr(func))
+        return mutator.builder_.get()
+
+    return _pass
 
 
 def _pool(func: Any, target: Any) -> tuple[Any, str] | None:
@@ -459,7 +575,11 @@ def fused_passes(target: Any) -> list[Any]:
     :mod:`bnfold.tune`) schedule are the ones these passes leave."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    return list(cpu.library_dispatch_passes(target)) + list(cpu.legalize_passes(target))
+    return [
+        channels_last_weights(target),
+        *cpu.library_dispatch_passes(target),
+        *cpu.legalize_passes(target),
+    ]
 
 
 def cpu_pipeline(target: Any, database: str | None = None) -> Any:
@@ -482,9 +602,7 @@ def cpu_pipeline(target: Any, database: str | None = None) -> Any:
         with target, tuned:
             # The database pass takes the target when it is made, and the database (the one
             # entered above) when it runs.
-            apply_db = (
-                [] if database is None else [tvm.relax.transform.MetaScheduleApplyDatabase()]
-            )
+            apply_db = [] if database is None else [tvm.relax.transform.MetaScheduleApplyDatabase()]
             seq = tvm.transform.Sequential(
                 fused_passes(target)
                 + apply_db

@@ -160,7 +160,8 @@ def _assert_rules(ops: list[Op], matches: list[_schedule.Match]) -> None:
     """Every expected ``rule:kind`` was matched as often as the ops that expect it (identical
     PrimFuncs would be shared, so each op here has its own shape)."""
     want = collections.Counter(op.kind for op in ops if op.kind)
-    got = collections.Counter(f"{m.rule}:{m.kind}" for m in matches if m.rule)
+    # "conv3x3 (channel lanes)" is a conv3x3 tiled the other way (see the test below).
+    got = collections.Counter(f"{m.rule}:{m.kind.split(' (')[0]}" for m in matches if m.rule)
     for kind, n in want.items():
         assert got[kind] >= n, f"{kind}: {got[kind]} matched, {n} expected; all: {matches}"
 
@@ -173,10 +174,102 @@ def test_rules_on_x86_match_onnxruntime(family: object, tmp_path: Path) -> None:
     _assert_rules(ops, matches)
 
 
+CHANNEL_LANES = """
+<ir_version: 8, opset_import: ["" : 17]>
+narrow (float[1, 24, 7, 7] x, float[1, 32, 7, 7] r, float[1, 16, 14, 12] z)
+    => (float[1, 32, 7, 7] y, float[1, 32, 7, 6] u, float[1, 48, 14, 12] v) {
+    c = Conv <kernel_shape = [1, 1]> (x, w1, b1)
+    s = Add (c, r)
+    y = Relu (s)
+    u = Conv <kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]> (z, w2)
+    d = Conv <kernel_shape = [3, 3], pads = [2, 2, 2, 2], dilations = [2, 2]> (z, w3, b3)
+    v = Clip (d, lo, hi)
+}
+"""
+
+
+def test_narrow_maps_put_output_channels_on_the_lanes(tmp_path: Path) -> None:
+    """Rows narrower than a vector (7, 6, 12 columns) whose output channels fill vectors take
+    the channel-lanes tiling (IHWO weights, made at compile time), with residual-add, clip and
+    no-bias epilogues, stride and dilation; the results match onnxruntime."""
+    import tvm
+
+    from bnfold.targets import get
+
+    rng = np.random.default_rng(3)
+    model = onnx.parser.parse_model(CHANNEL_LANES)
+    for name, shape in (("w1", (32, 24, 1, 1)), ("b1", (32,)), ("w2", (32, 16, 3, 3)),
+                        ("w3", (48, 16, 3, 3)), ("b3", (48,))):  # fmt: skip
+        model.graph.initializer.append(numpy_helper.from_array(_w(rng, *shape), name))
+    for name, value in (("lo", 0.0), ("hi", 6.0)):
+        model.graph.initializer.append(numpy_helper.from_array(np.float32(value), name))
+    onnx.checker.check_model(model, full_check=True)
+    target = tvm.target.Target(get("x86").tvm_target())
+    lanes = _schedule._vector_lanes(target)
+    path = tmp_path / "narrow.onnx"
+    onnx.save(model, path)
+    with _schedule.recording() as matches:
+        lower.compile_model(path, "x86", tmp_path / "out", verify=False, fold=False)
+    kinds = sorted(m.kind for m in matches if m.rule == "bnfold_conv")
+    feeds = {"x": _w(rng, 1, 24, 7, 7), "r": _w(rng, 1, 32, 7, 7), "z": _w(rng, 1, 16, 14, 12)}
+    got = runtime.load(tmp_path / "out").run(feeds)
+    for name, want in run_onnxruntime(model, feeds).items():
+        np.testing.assert_allclose(got[name], want, rtol=RTOL,
+                                   atol=RTOL * float(np.abs(want).max()), err_msg=name)  # fmt: skip
+    # 48 channels are 3 AVX-512 vectors; 12 columns are not narrower than an AVX2 vector.
+    want = ["conv1x1 (channel lanes)", "conv3x3 (channel lanes)"]
+    want += ["conv3x3 (channel lanes)"] if lanes == 16 else ["conv3x3"]
+    assert kinds == sorted(want), kinds
+
+
+def test_channel_lanes_only_where_they_fit() -> None:
+    """The weight transpose is made only for dense NCHW convs with constant weights, output
+    channels a multiple of the vector and rows narrower than it."""
+    import tvm
+    from tvm import relax
+
+    from bnfold.targets import get
+
+    target = tvm.target.Target(get("x86").tvm_target())
+    lanes = _schedule._vector_lanes(target)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 7, 7), "float32"))
+
+    def w(o: int, i: int) -> relax.Constant:
+        return relax.const(np.ones((o, i, 1, 1), np.float32))
+
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.conv2d(x, w(2 * lanes, 16)))  # taken
+            b = bb.emit(relax.op.nn.conv2d(x, w(lanes + 4, 16)))  # channels not whole vectors
+            c = bb.emit(relax.op.nn.conv2d(x, w(16, 1), groups=16))  # depthwise
+            out = bb.emit_output(relax.Tuple([a, b, c]))
+        bb.emit_func_output(out)
+    with target:
+        mod = _schedule.channels_last_weights(target)(bb.get())
+    layouts = [str(call.attrs.kernel_layout) for call in _conv_calls(mod["main"])]
+    assert layouts == ["IHWO", "OIHW", "OIHW"]
+
+
+def _conv_calls(func: object) -> list[object]:
+    from tvm import relax
+
+    calls: list[object] = []
+    relax.analysis.post_order_visit(
+        func,
+        lambda e: (
+            calls.append(e)
+            if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.conv2d"
+            else None
+        ),
+    )
+    return calls
+
+
 def test_conv_rule_records_every_conv_it_takes(tmp_path: Path) -> None:
     """The manifest's summary counts what the recording saw."""
     rng = np.random.default_rng(1)
-    ops = [_conv(rng, (1, 8, 7, 9), 16, (3, 3), "conv3x3", pad=1)]
+    ops = [_conv(rng, (1, 8, 7, 9), 12, (3, 3), "conv3x3", pad=1)]
     path = tmp_path / "one.onnx"
     onnx.save(_model(ops), path)
     m = lower.compile_model(path, "x86", tmp_path / "out", verify=False, fold=False)
