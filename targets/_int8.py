@@ -68,15 +68,15 @@ Tiles run in parallel in up to 64 chunks, not one task per tile: TVM gives every
 buffer inside a parallel loop a workspace allocation per iteration (measured: 3x slower on
 the 112x112 layers with one task per tile).
 
-aarch64 (baseline NEON, no dot product): dense convs with ``smull`` + ``smlal`` + ``sadalp``
-(see :func:`_dense_neon`; uint8 activations are shifted to int8, the bias absorbs it, so that
-two products sum exactly in int16, which needs ``|w| <= 127``); depthwise convs with one
-``smlal`` per tap on int16 (:func:`_depthwise_neon`). Built and checked under qemu only: their
-speed on real ARM cores is not measured.
+aarch64 (NEON): the kernels live in :mod:`bnfold.targets._int8_neon`. Dense convs use ``sdot``
+where the target has the dot product extension (``+dotprod``: ``cortex-a55``, ``cortex-a76``,
+``neoverse-n1``, ...), else ``smull`` + ``smlal`` + ``sadalp`` (which needs ``|w| <= 127``);
+depthwise convs one ``smlal`` per tap on int16. Built and checked under qemu only: their speed
+on real ARM cores is not measured.
 
 Unsupported (returns None, the caller falls back to generic Relax ops): grouped convs other than
 depthwise, a depthwise conv with a channel multiplier; x86 without AVX2, other targets; on
-aarch64, dense convs whose weight holds -128.
+aarch64 without the dot product, dense convs whose weight holds -128.
 """
 
 from __future__ import annotations
@@ -306,22 +306,6 @@ def supports_vnni(target: Any) -> bool:
         return False
 
 
-def supports_neon(target: Any) -> bool:
-    """Whether ``target`` is an aarch64 LLVM target (NEON is part of ARMv8-A)."""
-    try:
-        if str(target.kind.name) != "llvm":
-            return False
-        triple = str(target.attrs.get("mtriple", "") or "")
-        if not triple:
-            import platform
-
-            return platform.machine() in ("aarch64", "arm64")
-        return triple.startswith(("aarch64", "arm64"))
-    except Exception as e:
-        logger.debug("aarch64 check failed: %s", e)
-        return False
-
-
 # --------------------------------------------------------------------------------------------
 # Entry point
 
@@ -361,7 +345,10 @@ def conv2d_int8(
     # Python ints: a numpy scalar would make int64 constants inside the int32 vector code.
     x_zero_point, out_zero_point = int(x_zero_point), int(out_zero_point)
     clamp = (int(clamp[0]), int(clamp[1]))
-    neon = supports_neon(target)
+    # Imported here: _int8_neon imports this module's shared pieces at its top.
+    from bnfold.targets import _int8_neon
+
+    neon = _int8_neon.supports_neon(target)
     if not neon and not supports_avx2(target):
         logger.debug("int8 conv: no int8 kernel for target %s", target)
         return None
@@ -377,12 +364,9 @@ def conv2d_int8(
             # One long row: no padding, no row tails, fewer partial vectors.
             geo = Geometry(n, c, 1, h * w, o, 1, 1, 1, 1, 1, 1, 0, 0, 1, h * w)
         if neon:
-            # The int16 pair sums need |w| <= 127 (128 * 128 * 2 overflows int16).
-            if int(weight.min()) < -127:
-                return None
-            return _dense_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                               out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
-                               (n, o, oh, ow))  # fmt: skip
+            return _int8_neon.dense(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
+                                    out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+                                    (n, o, oh, ow), target)  # fmt: skip
         if (isa is None and supports_vnni(target)) or isa in ("vnni", "vnni256", "vnni512",
                                                                   "vnnioc"):
             vl = {"vnni256": 8, "vnni512": 16, "vnnioc": 16}.get(isa or "", vnni_lanes(geo.ow))
@@ -411,8 +395,8 @@ def conv2d_int8(
                       out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
                       (n, o, oh, ow))  # fmt: skip
     if groups == c == o and cg == 1 and neon:
-        return _depthwise_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                               out_zero_point, out_dtype, clamp)  # fmt: skip
+        return _int8_neon._depthwise_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier,
+                                          shift, out_zero_point, out_dtype, clamp)  # fmt: skip
     if groups == c == o and cg == 1:
         return _depthwise(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
                           out_zero_point, out_dtype, clamp, tile)  # fmt: skip
@@ -1504,298 +1488,3 @@ def _requant_vec(
     merged = T.Shuffle([re, ro], [i + lanes * (i % 2) for i in range(lanes)])
     r = T.shift_right(merged, T.broadcast(s2, lanes)) + T.broadcast(zp, lanes)
     return T.max(T.min(r, T.broadcast(qmax, lanes)), T.broadcast(qmin, lanes))
-
-
-# --------------------------------------------------------------------------------------------
-# aarch64 NEON dense conv (groups == 1)
-
-NEON_LANES = 4  # int32 lanes of a q register
-_SADDLP = "llvm.aarch64.neon.saddlp.v4i32.v8i16"
-
-
-def _dense_neon(
-    geo: Geometry,
-    x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
-    tile: Tile | None,
-    x_shape: tuple[int, int, int, int],
-    out_shape: tuple[int, int, int, int],
-) -> tuple[Any, list[np.ndarray]]:
-    """NEON (ARMv8-A baseline, no dot product): ``smull`` + ``smlal`` + ``sadalp``.
-
-    Activations are made int8 (uint8 ``x`` becomes ``x - 128``, the bias takes
-    ``128 * sum(w)``), so that two int8 x int8 products (|x * w| <= 128 * 127) sum exactly in
-    int16; ``sadalp`` adds adjacent int16 lanes into the int32 accumulators. One step is 4
-    output columns x 4 input channels = 16 multiply-adds in 3 instructions (fp32 ``fmla``: 4).
-
-    Layout: channels in quads; per quad two byte planes, ``lo`` holding the pairs
-    ``(x[4q], x[4q+1])`` and ``hi`` the pairs ``(x[4q+2], x[4q+3])`` of every column, so that
-    8 bytes of a plane are one pair for 4 consecutive columns. The weight of (o, quad, ky, kx)
-    is 16 bytes: ``(w0, w1)`` x 4 then ``(w2, w3)`` x 4. ``smull(lo, wlo) + smlal(hi, whi)``
-    gives, in int16 lane ``2i + k``, ``x[4q+k, col i] * w_k + x[4q+2+k, col i] * w_{2+k}``."""
-    from tvm.script import tirx as T
-
-    N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
-    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
-    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
-    L = NEON_LANES
-    vecs = -(-OW // L)
-    if tile is None:
-        # 32 q registers: 4 x 4 accumulators + 8 d-register operands + 4 weights + temps.
-        XV = min(4, vecs)
-        OBN = 4
-        YT = 1
-    else:
-        OBN, YT, XV = tile.obn, tile.yt, tile.xv
-    CQ = (C + 3) // 4
-    OB = -(-O // OBN)
-    TX = XV * L
-    NX = -(-OW // TX)
-    NY = -(-OH // YT)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
-    WQ = NX * TX + ((KW - 1) * DW) // SW
-    PLANE = HP * SW * WQ * 2  # bytes of one plane of one quad
-    XSIZE = N * CQ * 2 * PLANE
-    NR, NT = N * CQ * HP, N * OB * NY * NX
-    qmin, qmax = clamp
-    SHIFTED = x_dtype == "uint8"  # activations made int8: x - 128
-    ZPS = int(x_zero_point) - (128 if SHIFTED else 0)
-
-    # Weight: (OB, CQ, KH, KW, OBN, 16) int8, zero beyond O and C.
-    wpad = np.zeros((OB * OBN, 4 * CQ, KH, KW), dtype=np.int8)
-    wpad[:O, :C] = weight
-    wq4 = wpad.reshape(OB * OBN, CQ, 4, KH, KW).transpose(0, 1, 3, 4, 2)  # (O', CQ, KH, KW, 4)
-    lo = np.tile(wq4[..., 0:2], 4)  # (w0, w1) x 4
-    hi = np.tile(wq4[..., 2:4], 4)
-    wn = np.concatenate([lo, hi], axis=-1).reshape(OB, OBN, CQ, KH, KW, 16)
-    wn = np.ascontiguousarray(wn.transpose(0, 2, 3, 4, 1, 5))
-    bias2 = bias.astype(np.int64)
-    if SHIFTED:
-        bias2 = bias2 + 128 * weight.astype(np.int64).sum(axis=(1, 2, 3))
-    if np.any(np.abs(bias2) >= 2**31):
-        bias2 = np.clip(bias2, INT32_MIN, INT32_MAX)  # only if the true accumulator overflows
-    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
-                          OB * OBN)  # fmt: skip
-
-    def wat(ob: Any, cq: Any, ky: Any, kx: Any, j: Any) -> Any:
-        """Offset of the 16 weight bytes of (ob*OBN + j, quad cq, ky, kx)."""
-        return ((((ob * CQ + cq) * KH + ky) * KW + kx) * OBN + j) * 16
-
-    def requant(acc: Any, ep_: Any, o: Any) -> Any:
-        return _requant_vec4(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                             out_zero_point, qmin, qmax)  # fmt: skip
-
-    init, store = _tile_macros(T, OBN, YT, XV, L, O, OH, OW, out_dtype, requant)
-
-    @T.prim_func
-    def conv(
-        x: T.Buffer(x_shape, x_dtype),
-        wn_: T.Buffer((OB, CQ, KH, KW, OBN, 16), "int8"),
-        ep_: T.Buffer((OB * OBN, EP_COLS), "int32"),
-        out: T.Buffer(out_shape, out_dtype),
-    ):
-        T.func_attr({"global_symbol": "conv2d_int8", "tirx.noalias": True})
-        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
-        of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
-        wf = T.decl_buffer((wn.size,), "int8", data=wn_.data)
-        xq = T.alloc_buffer((XSIZE,), "int8")
-        # Stage 1: the two byte planes of every quad, padded (scalar: ARM speed is not
-        # measured here; the repack is O(input) against O(input * O) for the conv).
-        for chunk in T.parallel(_chunks(NR)):
-            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
-                nn = T.Bind(r // (CQ * HP))
-                cq = T.Bind(r // HP % CQ)
-                row = T.Bind(r % HP - PT)
-                for half in range(2):
-                    for k in range(2):
-                        c = T.Bind(4 * cq + 2 * half + k)
-                        for ph in range(SW):
-                            for q in range(WQ):
-                                col = T.Bind(q * SW + ph - PL)
-                                dst = T.Bind(
-                                    (((nn * CQ + cq) * 2 + half) * HP + r % HP) * SW * WQ * 2
-                                    + (ph * WQ + q) * 2 + k
-                                )
-                                if c < C and row >= 0 and row < H and col >= 0 and col < W:
-                                    xq[dst] = _to_i8(T, xf[((nn * C + c) * H + row) * W + col],
-                                                     SHIFTED)  # fmt: skip
-                                else:
-                                    xq[dst] = T.int8(ZPS)
-        # Stage 2: tiles of OBN channels x YT rows x XV vectors of 4 columns.
-        for chunk in T.parallel(_chunks(NT)):
-            acc = T.alloc_buffer((OBN * YT * XV * L,), "int32", scope="local")
-            res = T.alloc_buffer((L,), out_dtype, scope="local")
-            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
-                nn = T.Bind(t // (OB * NY * NX))
-                ob = T.Bind(t // (NY * NX) % OB)
-                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
-                x0 = T.Bind(t % NX * TX)
-                init(acc, ep_, ob)
-                for cq in range(CQ):
-                    for ky in range(KH):
-                        for kx in T.unroll(KW):
-                            for j in T.unroll(OBN):
-                                for yy in T.unroll(YT):
-                                    for v in T.unroll(XV):
-                                        acc[T.ramp(((j * YT + yy) * XV + v) * L, 1, L)] = acc[
-                                            T.ramp(((j * YT + yy) * XV + v) * L, 1, L)
-                                        ] + T.call_llvm_pure_intrin(
-                                            "int32x4",
-                                            _SADDLP,
-                                            T.cast(
-                                                xq[T.ramp(
-                                                    (((nn * CQ + cq) * 2 * HP
-                                                      + (y0 + yy) * SH + ky * DH) * SW
-                                                     + kx * DW % SW) * WQ * 2
-                                                    + (x0 + v * L + kx * DW // SW) * 2,
-                                                    1, 8,
-                                                )],
-                                                "int16x8",
-                                            ) * T.cast(
-                                                wf[T.ramp(wat(ob, cq, ky, kx, j), 1, 8)],
-                                                "int16x8",
-                                            ) + T.cast(
-                                                xq[T.ramp(
-                                                    ((((nn * CQ + cq) * 2 + 1) * HP
-                                                      + (y0 + yy) * SH + ky * DH) * SW
-                                                     + kx * DW % SW) * WQ * 2
-                                                    + (x0 + v * L + kx * DW // SW) * 2,
-                                                    1, 8,
-                                                )],
-                                                "int16x8",
-                                            ) * T.cast(
-                                                wf[T.ramp(wat(ob, cq, ky, kx, j) + 8, 1, 8)],
-                                                "int16x8",
-                                            ),
-                                        )  # fmt: skip
-                store(acc, res, of, ep_, nn, ob, y0, x0)
-
-    return _finish(conv), [wn, ep]
-
-
-def _to_i8(T: Any, v: Any, shifted: bool) -> Any:
-    """A loaded activation as int8: ``x - 128`` for uint8 (flip the top bit), else as is."""
-    if shifted:
-        return T.cast(T.cast(v, "int32") - 128, "int8")
-    return v
-
-
-def _requant_vec4(
-    T: Any, acc: Any, lo: Any, hi: Any, m: Any, s1: Any, s2: Any, zp: int, qmin: int, qmax: int
-) -> Any:
-    """:func:`_requant_vec` for 4 lanes in portable vector arithmetic (LLVM's NEON lowering)."""
-    n = NEON_LANES
-    a = T.max(T.min(acc, T.broadcast(hi, n)), T.broadcast(lo, n))
-    rnd = T.shift_left(T.int64(1), T.cast(s1 + s2 - 1, "int64"))
-    p = T.cast(a, f"int64x{n}") * T.broadcast(T.cast(m, "int64"), n) + T.broadcast(rnd, n)
-    u = T.shift_right(T.cast(p, f"uint64x{n}"), T.broadcast(T.cast(s1, "uint64"), n))
-    r = T.shift_right(T.cast(u, f"int32x{n}"), T.broadcast(s2, n)) + T.broadcast(zp, n)
-    return T.max(T.min(r, T.broadcast(qmax, n)), T.broadcast(qmin, n))
-
-
-def _depthwise_neon(
-    geo: Geometry,
-    x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
-) -> tuple[Any, list[np.ndarray]]:
-    """NEON depthwise: activations widened to int16, one ``smlal`` (int16 x int16 scalar ->
-    int32, 4 lanes) per tap. No pairing trick pays on baseline NEON here (4 multiply-adds per
-    instruction, as ``fmla``); the gain over the fp32 conv is the 4x smaller activations and
-    staying in integers between the int8 layers. The first stage writes the padded image as
-    bytes; a stride-2 operand is the even lanes of an 8-byte load (``uzp1``)."""
-    from tvm.script import tirx as T
-
-    N, C, H, W = geo.n, geo.c, geo.h, geo.w
-    KH, KW, SH, SW, DH, DW = geo.kh, geo.kw, geo.sh, geo.sw, geo.dh, geo.dw
-    PT, PL, OH, OW = geo.pt, geo.pl, geo.oh, geo.ow
-    L = NEON_LANES
-    XV = min(2, -(-OW // L))
-    YT = min(4, OH)
-    TX = XV * L
-    NX = -(-OW // TX)
-    NY = -(-OH // YT)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
-    RB = -(-(SW * NX * TX + (KW - 1) * DW + 2 * LANES) // LANES) * LANES
-    XB = N * C * HP * RB
-    NR, NT = N * C * HP, N * C * NY * NX
-    qmin, qmax = clamp
-    ZP = int(x_zero_point)
-    wq = np.ascontiguousarray(weight[:, 0].astype(np.int32))  # (C, KH, KW)
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
-    x_shape = (N, C, H, W)
-    out_shape = (N, C, OH, OW)
-
-    def operand(xb: Any, at: Any) -> Any:
-        """int32x4 of 4 output columns' inputs at byte ``at`` (column stride SW)."""
-        if SW == 1:
-            v = xb[T.ramp(at, 1, L)]
-        else:
-            v = T.Shuffle([xb[T.ramp(at, 1, SW * L)]], [SW * i for i in range(L)])
-        return T.cast(T.cast(v, f"int16x{L}"), f"int32x{L}")
-
-    def requant(acc: Any, ep_: Any, o: Any) -> Any:
-        return _requant_vec4(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                             out_zero_point, qmin, qmax)  # fmt: skip
-
-    init, store = _tile_macros(T, 1, YT, XV, L, C, OH, OW, out_dtype, requant)
-
-    @T.prim_func
-    def dwconv_neon(
-        x: T.Buffer(x_shape, x_dtype),
-        wq_: T.Buffer((C, KH, KW), "int32"),
-        ep_: T.Buffer((C, EP_COLS), "int32"),
-        out: T.Buffer(out_shape, out_dtype),
-    ):
-        T.func_attr({"global_symbol": "dwconv2d_int8", "tirx.noalias": True})
-        xf = T.decl_buffer((N * C * H * W,), x_dtype, data=x.data)
-        of = T.decl_buffer((N * C * OH * OW,), out_dtype, data=out.data)
-        xb = T.alloc_buffer((XB,), x_dtype)
-        for chunk in T.parallel(_chunks(NR)):
-            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
-                row = T.Bind(r % HP - PT)
-                src = T.Bind(r // HP * H * W + row * W)
-                base = T.Bind(r * RB)
-                for q in range(RB):
-                    if row >= 0 and row < H and q >= PL and q < PL + W:
-                        xb[base + q] = xf[src + q - PL]
-                    else:
-                        xb[base + q] = T.cast(ZP, x_dtype)
-        for chunk in T.parallel(_chunks(NT)):
-            acc = T.alloc_buffer((YT * XV * L,), "int32", scope="local")
-            res = T.alloc_buffer((L,), out_dtype, scope="local")
-            for t in range(chunk * NT // _chunks(NT), (chunk + 1) * NT // _chunks(NT)):
-                nc = T.Bind(t // (NY * NX))
-                c = T.Bind(nc % C)
-                y0 = T.Bind(T.min(t // NX % NY * YT, OH - YT))
-                x0 = T.Bind(t % NX * TX)
-                init(acc, ep_, c)
-                for ky in T.unroll(KH):
-                    for kx in T.unroll(KW):
-                        for yy in T.unroll(YT):
-                            for v in T.unroll(XV):
-                                acc[T.ramp((yy * XV + v) * L, 1, L)] = acc[
-                                    T.ramp((yy * XV + v) * L, 1, L)
-                                ] + operand(
-                                    xb,
-                                    (nc * HP + (y0 + yy) * SH + ky * DH) * RB
-                                    + SW * (x0 + v * L) + kx * DW,
-                                ) * T.broadcast(
-                                    T.cast(T.cast(wq_[c, ky, kx], "int16"), "int32"), L
-                                )  # fmt: skip
-                store(acc, res, of, ep_, nc // C, c, y0, x0)
-
-    return _finish(dwconv_neon), [wq, ep]

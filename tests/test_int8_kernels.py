@@ -1,7 +1,8 @@
-"""The int8 conv kernels of :mod:`bnfold.targets._int8`: built into a Relax module the way
-``bnfold.lower_int8`` calls them (``relax.call_tir`` with the constants as ``relax.const``),
-run on x86 (AVX2) and, under qemu, on aarch64 (NEON), and compared bit-exactly with
-:func:`reference_conv2d_int8`."""
+"""The int8 conv kernels of :mod:`bnfold.targets._int8` and :mod:`bnfold.targets._int8_neon`:
+built into a Relax module the way ``bnfold.lower_int8`` calls them (``relax.call_tir`` with the
+constants as ``relax.const``), run on x86 (AVX2, AVX-512 VNNI where this CPU has it) and, under
+qemu, on aarch64 (baseline NEON, and ``sdot`` for a CPU with the dot product), and compared
+bit-exactly with :func:`reference_conv2d_int8`."""
 
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def _case(c: int, o: int, hw: tuple[int, int], k: int, s: int, pad: int, groups:
 
 CASES = {
     "1x1": dict(c=64, o=48, hw=(14, 14), k=1, s=1, pad=0),
-    "1x1 odd C/O 7x7 int8": dict(c=17, o=13, hw=(7, 7), k=1, s=1, pad=0, x_dtype="int8",
-                                 out_dtype="int8"),
+    "1x1 odd C/O 7x7 int8": dict(
+        c=17, o=13, hw=(7, 7), k=1, s=1, pad=0, x_dtype="int8", out_dtype="int8"
+    ),
     "1x1 stride 2": dict(c=32, o=24, hw=(13, 13), k=1, s=2, pad=0),
     "3x3 s1 p1": dict(c=16, o=24, hw=(14, 14), k=3, s=1, pad=1),
     "3x3 s1 p1 7x7 odd C": dict(c=33, o=40, hw=(7, 7), k=3, s=1, pad=1, out_dtype="int8"),
@@ -100,25 +102,39 @@ CASES = {
     "7x7 s2 p3 C=3": dict(c=3, o=16, hw=(20, 20), k=7, s=2, pad=3),
     "3x3 s1 C=3 int8, O=10": dict(c=3, o=10, hw=(13, 10), k=3, s=1, pad=1, x_dtype="int8"),
     "5x5 s2 C=1": dict(c=1, o=8, hw=(15, 17), k=5, s=2, pad=2, out_dtype="int8"),
-    "shift > 31, relu6 clamp": dict(c=24, o=16, hw=(10, 10), k=3, s=1, pad=1, shifts=(30, 62),
-                                    clamp=(7, 200)),
+    "shift > 31, relu6 clamp": dict(
+        c=24, o=16, hw=(10, 10), k=3, s=1, pad=1, shifts=(30, 62), clamp=(7, 200)
+    ),
     "small shift": dict(c=8, o=8, hw=(6, 6), k=1, s=1, pad=0, shifts=(1, 12)),
     "depthwise 3x3 s1": dict(c=32, o=32, hw=(28, 28), k=3, s=1, pad=1, groups=32),
-    "depthwise 3x3 s2 int8 odd": dict(c=13, o=13, hw=(9, 11), k=3, s=2, pad=1, groups=13,
-                                      x_dtype="int8", out_dtype="int8"),
-    "depthwise 3x3 s1 7x7": dict(c=24, o=24, hw=(7, 7), k=3, s=1, pad=1, groups=24,
-                                 shifts=(20, 62), clamp=(0, 6)),
+    "depthwise 3x3 s2 int8 odd": dict(
+        c=13, o=13, hw=(9, 11), k=3, s=2, pad=1, groups=13, x_dtype="int8", out_dtype="int8"
+    ),
+    "depthwise 3x3 s1 7x7": dict(
+        c=24, o=24, hw=(7, 7), k=3, s=1, pad=1, groups=24, shifts=(20, 62), clamp=(0, 6)
+    ),
     "depthwise 5x5 s2": dict(c=8, o=8, hw=(10, 10), k=5, s=2, pad=2, groups=8),
-    "depthwise 3x3 dilation 2": dict(c=16, o=16, hw=(12, 13), k=3, s=1, pad=2, groups=16,
-                                     dilation=2, x_dtype="int8"),
+    "depthwise 3x3 dilation 2": dict(
+        c=16, o=16, hw=(12, 13), k=3, s=1, pad=2, groups=16, dilation=2, x_dtype="int8"
+    ),
     "3x3 dilation 2 s2": dict(c=8, o=16, hw=(11, 11), k=3, s=2, pad=2, dilation=2),
     "batch 2 3x3": dict(c=16, o=16, hw=(9, 9), k=3, s=1, pad=1, n=2),
     "batch 2 1x1": dict(c=6, o=10, hw=(5, 7), k=1, s=1, pad=0, n=2),
     "batch 2 depthwise": dict(c=8, o=8, hw=(9, 9), k=3, s=2, pad=1, groups=8, n=2),
     # VNNI: output channels on the lanes (rows of 7 / 14 / 28 columns), (channel, kx) quads.
     "3x3 s1 p1 14x14 O=40": dict(c=20, o=40, hw=(14, 14), k=3, s=1, pad=1),
-    "3x3 s2 p1 int8 O=48 7 cols": dict(c=24, o=48, hw=(14, 13), k=3, s=2, pad=1, x_dtype="int8",
-                                       out_dtype="int8", shifts=(20, 62), clamp=(-100, 90)),
+    "3x3 s2 p1 int8 O=48 7 cols": dict(
+        c=24,
+        o=48,
+        hw=(14, 13),
+        k=3,
+        s=2,
+        pad=1,
+        x_dtype="int8",
+        out_dtype="int8",
+        shifts=(20, 62),
+        clamp=(-100, 90),
+    ),
     "7x7 s2 p3 C=3 int8 O=40": dict(c=3, o=40, hw=(26, 22), k=7, s=2, pad=3, x_dtype="int8"),
     "5x5 s1 C=2 batch 2": dict(c=2, o=12, hw=(9, 13), k=5, s=1, pad=2, n=2),
 }
@@ -247,3 +263,146 @@ def test_neon_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
                        check=True, env=env, timeout=300)  # fmt: skip
         (y,) = runtime.read_tensors(tmp_path / "out.bnt")
         np.testing.assert_array_equal(y, ref, err_msg=name)
+
+
+def _arm(cpu: str, *mattr: str) -> Any:
+    return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": cpu,
+                              "mattr": ["+neon", *mattr]})  # fmt: skip
+
+
+def test_supports_dotprod_follows_the_cpu() -> None:
+    from bnfold.targets import _int8_neon
+
+    cpus = [("cortex-a55", True), ("cortex-a76", True), ("neoverse-n1", True),
+            ("generic", False), ("cortex-a53", False), ("cortex-a72", False)]  # fmt: skip
+    args = _case(c=8, o=8, hw=(6, 6), k=3, s=1, pad=1)
+    x = args.pop("x")
+    for cpu, dot in cpus:
+        assert _int8_neon.supports_dotprod(_arm(cpu)) == dot, cpu
+        func, _ = K.conv2d_int8(x.shape, "uint8", target=_arm(cpu), **args)
+        assert ("neon.sdot" in func.script()) == dot, cpu
+    assert _int8_neon.supports_dotprod(_arm("generic", "+dotprod"))
+    assert not _int8_neon.supports_dotprod(tvm.target.Target(ZNVER4))
+    # sdot multiplies int8 x int8 into int32: a weight of -128 needs no fallback.
+    w128 = args["weight"].copy()
+    w128[0, 0, 0, 0] = -128
+    with128 = dict(args, weight=w128)
+    assert K.conv2d_int8(x.shape, "uint8", target=_arm("cortex-a76"), **with128)
+    assert K.conv2d_int8(x.shape, "uint8", target=_arm("generic"), **with128) is None
+
+
+def test_sdot_tile_fits_the_register_file() -> None:
+    from bnfold.targets import _int8_neon
+
+    for o, oh, ow, kw in [(64, 56, 56, 3), (256, 1, 784, 1), (10, 13, 10, 3), (512, 7, 7, 3),
+                          (8, 1, 1, 1), (1000, 1, 1, 1)]:  # fmt: skip
+        t = _int8_neon.choose_tile_sdot(o, oh, ow, kw)
+        acc = t.obn * t.yt * t.xv
+        assert t.obn % 4 == 0 and acc <= 24 and acc + t.yt * t.xv + t.obn // 4 + 1 <= 32
+        assert t.yt <= oh and (t.xv - 1) * 4 < ow
+
+
+def _multi_module(built: list[tuple[Any, list[np.ndarray], np.ndarray, tuple[int, ...], str]]
+                  ) -> Any:  # fmt: skip
+    """A Relax module whose main takes one input per ``(func, consts, x, out_shape,
+    out_dtype)`` and returns the tuple of their ``call_tir`` results (one build, one qemu run)."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    xs = [relax.Var(f"x{i}", relax.TensorType(list(b[2].shape), str(b[2].dtype)))
+          for i, b in enumerate(built)]  # fmt: skip
+    with bb.function("main", xs):
+        with bb.dataflow():
+            ys = []
+            for i, (func, consts, _, out_shape, out_dtype) in enumerate(built):
+                gv = bb.add_func(func.with_attr("global_symbol", f"conv_{i}"), f"conv_{i}")
+                args = [xs[i]] + [relax.const(a) for a in consts]
+                out_type = relax.TensorType(list(out_shape), out_dtype)
+                ys.append(bb.emit(relax.call_tir(gv, args, out_type)))
+            out = bb.emit_output(relax.Tuple(ys))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _assembly(ex: Any) -> str:
+    """The target assembly of the kernels of a compiled Relax executable."""
+    return "\n".join(m.inspect_source("s") for m in ex.mod.imports if m.kind == "llvm")
+
+
+SDOT_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "1x1 stride 2", "3x3 s1 p1", "3x3 s1 p1 7x7 odd C",
+              "3x3 s2 p1 int8", "7x7 s2 p3 C=3", "3x3 s1 C=3 int8, O=10", "5x5 s2 C=1",
+              "shift > 31, relu6 clamp", "small shift", "3x3 dilation 2 s2", "batch 2 3x3",
+              "batch 2 1x1", "3x3 s2 p1 int8 O=48 7 cols", "7x7 s2 p3 C=3 int8 O=40",
+              "5x5 s1 C=2 batch 2"]  # fmt: skip
+
+
+def _sdot_cases() -> list[tuple[str, dict[str, Any]]]:
+    """SDOT_CASES with a fifth of every weight at -128, plus two cases at the extremes (every
+    activation and weight at its bound: the largest products, the shifted bias)."""
+    cases = []
+    for i, name in enumerate(SDOT_CASES):
+        args = _case(**CASES[name], seed=i)
+        args["weight"].reshape(-1)[i % 5 :: 5] = -128
+        cases.append((name, args))
+    rng = np.random.default_rng(99)
+    for x_dtype in ("uint8", "int8"):
+        args = _case(c=36, o=20, hw=(9, 10), k=3, s=1, pad=1, x_dtype=x_dtype, shifts=(40, 48))
+        lo, hi = K._DTYPES[x_dtype]
+        args["x"] = rng.choice(np.array([lo, hi], dtype=x_dtype), args["x"].shape)
+        args["weight"] = rng.choice(np.array([-128, 127], dtype=np.int8), args["weight"].shape)
+        cases.append((f"extremes {x_dtype}", args))
+    return cases
+
+
+@pytest.mark.qemu
+def test_sdot_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
+    from bnfold import runtime
+    from bnfold.targets import _schedule, get
+
+    arm64 = get("arm64:cortex-a76")  # ARMv8.2-A: the dot product
+    if not arm64.can_run():
+        pytest.skip(arm64.can_run().why)
+    target = tvm.target.Target(arm64.tvm_target())
+    built, refs, names = [], [], []
+    for name, args in _sdot_cases():
+        x = args.pop("x")
+        refs.append(K.reference_conv2d_int8(x, **args))
+        got = K.conv2d_int8(x.shape, str(x.dtype), target=target, **args)
+        assert got is not None, name
+        func, consts = got
+        assert "neon.sdot" in func.script(), name
+        built.append((func, consts, x, refs[-1].shape, args["out_dtype"]))
+        names.append(name)
+    mod = _multi_module(built)
+    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    asm = _assembly(ex)
+    # The lane-indexed form: one weight register serves 4 output channels.
+    assert "sdot\tv" in asm and ".4b[" in asm
+    lib = tmp_path / "conv.so"
+    ex.export_library(str(lib), fcompile=tvm.support.cc.cross_compiler(arm64.cross_compiler))
+    runtime.write_tensors(tmp_path / "in.bnt", [b[2] for b in built])
+    runner = runtime.aarch64_runner()
+    env = {**os.environ, "LD_LIBRARY_PATH": str(runner / "lib")}
+    # qemu's default CPU model ("max") has the dot product.
+    subprocess.run([runtime.QEMU, "-L", runtime.AARCH64_SYSROOT, str(runner / "runner"),
+                    str(lib), str(tmp_path / "in.bnt"), str(tmp_path / "out.bnt")],
+                   check=True, env=env, timeout=300)  # fmt: skip
+    ys = runtime.read_tensors(tmp_path / "out.bnt")
+    assert len(ys) == len(refs)
+    for name, y, ref in zip(names, ys, refs, strict=True):
+        np.testing.assert_array_equal(y, ref, err_msg=name)
+
+
+def test_baseline_neon_assembly_has_no_sdot() -> None:
+    # Building (not running) for a generic ARMv8.0-A core: sdot would be an illegal instruction.
+    from bnfold.targets import _schedule
+
+    target = _arm("generic")
+    args = _case(**CASES["3x3 s1 p1"])
+    x = args.pop("x")
+    ref_shape = K.reference_conv2d_int8(x, **args).shape
+    func, consts = K.conv2d_int8(x.shape, "uint8", target=target, **args)
+    mod = _module(func, consts, x, ref_shape, args["out_dtype"])
+    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    asm = _assembly(ex)
+    assert "smlal" in asm and "sdot" not in asm

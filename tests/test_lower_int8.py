@@ -9,6 +9,8 @@ quantized tensor is compared with onnxruntime's on the same layer inputs (<= 1 L
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -101,17 +103,18 @@ CASES = {
 }
 
 
+_QUANT_OPTS = {
+    "per-channel-uint8": {"per_channel": True, "activation_type": "uint8", "cle": True},
+    "per-tensor-int8-nocle": {"per_channel": False, "activation_type": "int8", "cle": False},
+}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("quant", ["per-channel-uint8", "per-tensor-int8-nocle"], ids=lambda q: q)
+@pytest.mark.parametrize("quant", list(_QUANT_OPTS), ids=lambda q: q)
 def test_integer_layers_match_onnxruntime(case: str, quant: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(sorted(CASES).index(case))
     model = _conv_model(rng, **CASES[case])
-    opts = (
-        {"per_channel": True, "activation_type": "uint8", "cle": True}
-        if quant.startswith("per-channel")
-        else {"per_channel": False, "activation_type": "int8", "cle": False}
-    )
-    int8, _ = quantize(model, _calib(rng, model), **opts)
+    int8, _ = quantize(model, _calib(rng, model), **_QUANT_OPTS[quant])
     path = tmp_path / "m.int8.onnx"
     onnx.save(int8, str(path))
     m = lower.compile_model(path, "x86", tmp_path / "out", fold=False)
@@ -125,6 +128,31 @@ def test_integer_layers_match_onnxruntime(case: str, quant: str, tmp_path: Path)
     assert m.compile["schedule_rules"].get("bnfold_pool:pool") == 1  # the uint8 MaxPool
     # End to end the artifact still computes the model (small models: few compounding flips).
     assert v["end_to_end"]["result"]["outputs"][0]["cosine"] > 0.99
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("cpu", ["generic", "cortex-a76"])  # NEON smull pairs / sdot
+@pytest.mark.parametrize("quant", list(_QUANT_OPTS), ids=lambda q: q)
+def test_integer_layers_match_onnxruntime_on_arm64(cpu: str, quant: str, tmp_path: Path) -> None:
+    from bnfold.targets import get
+
+    target = get(f"arm64:{cpu}")
+    if not target.can_run():
+        pytest.skip(target.can_run().why)
+    rng = np.random.default_rng(11)
+    model = _conv_model(rng, c=6, o=12, stride=2, hw=13)
+    int8, _ = quantize(model, _calib(rng, model), **_QUANT_OPTS[quant])
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    m = lower.compile_model(path, target, tmp_path / "out", fold=False)
+    info, v = m.compile["int8"], m.verification
+    assert info["kernel_groups"] == 2  # both convs on bnfold's NEON kernels
+    assert v["status"] == "passed" and v["max_lsb"] <= 1, v
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump:  # the dot product only where the CPU has it
+        code = subprocess.run([objdump, "-d", str(tmp_path / "out" / "model.so")],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert ("sdot\t" in code) == (cpu == "cortex-a76")
 
 
 def test_relax_fallback_without_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
