@@ -108,13 +108,42 @@ def _parallel_vectorize(sch: Any, block: Any, lanes: int) -> None:
 
 def _schedule_pad(sch: Any, block: Any, lanes: int) -> None:
     """A padded copy: the zero border and the in-bounds copy as two condition-free loops."""
+    phases = _phases(sch, block)
+    blocks = [block]
     if "if_then_else" in str(sch.get(block).body):
         try:
-            fill = sch.decompose_padding(block, sch.get_loops(block)[0])
-            _parallel_vectorize(sch, fill, lanes)
+            blocks.insert(0, sch.decompose_padding(block, sch.get_loops(block)[0]))
         except Exception as e:  # not a recognizable padding: keep the conditional copy
             logger.debug("decompose_padding: %s", str(e).splitlines()[0] if str(e) else e)
-    _parallel_vectorize(sch, block, lanes)
+    for b in blocks:
+        if phases > 1:
+            _phase_order(sch, b, phases, lanes)
+        else:
+            _parallel_vectorize(sch, b, lanes)
+
+
+def _phases(sch: Any, block: Any) -> int:
+    """The stride phases of a padded copy stored by :func:`_split_stride_phases` (1: none)."""
+    shape = _shape(sch.get(block).writes[0])
+    return shape[3] if len(shape) == 5 else 1
+
+
+def _phase_order(sch: Any, block: Any, phases: int, lanes: int) -> None:
+    """Loop over a phase-split copy in storage order: the column loop split by the stride,
+    the phase outside, so that the stores are contiguous (the loads take the stride)."""
+    *outer, last = sch.get_loops(block)
+    extent = _extent(sch, last)
+    if extent is None or extent % phases:
+        return
+    col, phase = sch.split(last, factors=[None, phases])
+    sch.reorder(phase, col)
+    sch.unroll(phase)
+    vec = _divisor_at_most(extent // phases, lanes)
+    if vec >= 4:
+        _, inner = sch.split(col, factors=[None, vec])
+        sch.vectorize(inner)
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def schedule_elementwise(func: Any, target: Any, _tunable: bool) -> Any:
@@ -188,6 +217,7 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
             sch.compute_inline(b)
     else:
         for b in before:
+            _split_stride_phases(sch, conv, b)
             _schedule_pad(sch, b, lanes)
     if _weights_channels_last(sch, conv):
         return _conv_channel_lanes(sch, conv, epilogue, ext, lanes)  # type: ignore[arg-type]
@@ -213,10 +243,12 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
         sch.compute_inline(acc)
         acc = epilogue
     # Constant indices into the accumulators (unrolled), else LLVM keeps them in memory.
-    *rows, tail = sch.get_loops(acc)[4:]
-    for lp in rows:
+    # (A 1 x 1 x 1 tile, a depthwise conv on a prime row, has no loops left here.)
+    tile_loops = sch.get_loops(acc)[4:]
+    for lp in tile_loops[:-1]:
         sch.unroll(lp)
-    sch.vectorize(tail)
+    if tile_loops:
+        sch.vectorize(tile_loops[-1])
     # Annotate before splitting off the init: vectorize/parallel want a block with its init.
     sch.vectorize(xi)
     sch.unroll(fi)
@@ -226,6 +258,35 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
     sch.parallel(sch.fuse(n, fo, yo))
     sch.decompose_reduction(conv, rc)
     return sch, conv_kind(int(ery), int(erx), depthwise)  # type: ignore[arg-type]
+
+
+def _split_stride_phases(sch: Any, conv: Any, pad: Any) -> None:
+    """A conv with column stride ``s`` reads its padded input at ``s * x + kx``: a strided
+    (gathered) vector load per tap. Store the padded copy as ``s`` phases instead,
+    ``[n, c, h, w % s, w // s]``, written in that order, so that every tap reads a contiguous
+    vector (the copy reads with the stride, once per element instead of once per tap).
+    Measured, 1 thread (kernel alone, ms): MobileNetV2's 3x3/2 depthwise 96ch 112x112
+    0.78 -> 0.43, 144ch 56x56 0.32 -> 0.18-0.24, 192ch 28x28 0.12 -> 0.06."""
+    from tvm.sym.pattern import detect_linear_equation
+
+    buf = sch.get(pad).writes[0].source
+    block = sch.get(conv)
+    x_var = block.iter_vars[3].var
+    regions = [r for r in block.reads if r.source.same_as(buf)]
+    if len(buf.shape) != 4 or len(regions) != 1:
+        return
+    coef = detect_linear_equation(regions[0].region[3].min, [x_var])
+    if len(coef) != 2 or not hasattr(coef[0], "value"):
+        return
+    stride, width = int(coef[0].value), int(buf.shape[3])
+    if stride < 2 or width % stride:
+        return
+    try:
+        sch.transform_layout(
+            pad, ("write", 0), lambda n, c, h, w: (n, c, h, w % stride, w // stride)
+        )
+    except Exception as e:  # keep the strided reads
+        logger.debug("stride phases: %s", str(e).splitlines()[0] if str(e) else e)
 
 
 def _weights_channels_last(sch: Any, conv: Any) -> bool:

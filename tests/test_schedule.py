@@ -88,6 +88,9 @@ def _conv_ops(rng: np.random.Generator) -> list[Op]:
         _conv(rng, (1, 8, 7, 9), 8, (3, 3), "conv3x3", pad=1, group=2),
         _conv(rng, (1, 16, 7, 9), 16, (3, 3), "depthwise", pad=1, group=16),
         _conv(rng, (1, 16, 9, 11), 16, (3, 3), "depthwise", stride=2, pad=1, group=16),
+        _conv(rng, (1, 24, 12, 10), 24, (3, 3), "depthwise", stride=2, pad=1, group=24),
+        _conv(rng, (1, 8, 11, 10), 12, (3, 3), "conv3x3", stride=2, pad=1, bias=False),
+        _conv(rng, (1, 8, 12, 13), 8, (3, 3), "depthwise", stride=3, pad=1, group=8),
         _conv(rng, (1, 8, 13, 13), 8, (3, 3), "depthwise", pad=2, group=8, dilation=2),
         _conv(rng, (1, 16, 7, 9), 24, (1, 1), "conv1x1"),
         _conv(rng, (1, 16, 8, 8), 8, (1, 1), "conv1x1", stride=2, bias=False),
@@ -220,6 +223,33 @@ def test_narrow_maps_put_output_channels_on_the_lanes(tmp_path: Path) -> None:
     want = ["conv1x1 (channel lanes)", "conv3x3 (channel lanes)"]
     want += ["conv3x3 (channel lanes)"] if lanes == 16 else ["conv3x3"]
     assert kinds == sorted(want), kinds
+
+
+def test_strided_convs_read_a_phase_split_copy() -> None:
+    """A stride-s conv whose padded width divides by s stores its padded input as s phases
+    (5-D copy), so its taps read contiguous vectors; an odd padded width keeps the 4-D copy."""
+    import tvm
+
+    from bnfold.targets import get
+
+    rng = np.random.default_rng(4)
+    ops = [
+        _conv(rng, (1, 24, 12, 10), 24, (3, 3), "depthwise", stride=2, pad=1, group=24),
+        _conv(rng, (1, 16, 9, 11), 16, (3, 3), "depthwise", stride=2, pad=1, group=16),
+    ]
+    mod = lower.import_relax(_model(ops), {"x0": (1, 24, 12, 10), "x1": (1, 16, 9, 11)})
+    target = tvm.target.Target(get("x86").tvm_target())
+    with target:
+        mod = tvm.transform.Sequential(_schedule.fused_passes(target))(mod)
+    pads = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint:
+            sch, match = _schedule.schedule_function(func, target, gv.name_hint)
+            assert match.rule == "bnfold_conv", match
+            text = sch.mod["main"].script()
+            width = 12 if "T.int64(24)" in text else 13
+            pads[width] = text.count("T.int64(2), T.int64(6))") > 0
+    assert pads == {12: True, 13: False}
 
 
 def test_channel_lanes_only_where_they_fit() -> None:
