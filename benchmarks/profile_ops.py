@@ -52,16 +52,29 @@ def _kind_of_unscheduled(name: str) -> str:
     return "other"
 
 
-def _compile(model_path: Path, outdir: Path) -> dict[str, str]:
-    """Compile ``model_path`` for x86 into ``outdir``; returns PrimFunc name -> kind."""
+def _shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
+    """Input shapes, batch 1: the model's, or (dynamic dimensions, the PP-OCR models) those of
+    its real inputs in ``inputs/NAME.npz`` beside it."""
     import onnx
 
-    from bnfold import check, ir, lower, pipeline
+    from bnfold import check
+
+    inputs = model_path.parent / "inputs" / f"{model_path.stem}.npz"
+    given: dict[str, tuple[int, ...]] = {}
+    if inputs.is_file():
+        with np.load(inputs, allow_pickle=False) as data:
+            given = {k: (1, *data[k].shape[1:]) for k in data.files}
+    return check.input_shapes(onnx.load(str(model_path), load_external_data=False), given)
+
+
+def _compile(model_path: Path, outdir: Path) -> dict[str, str]:
+    """Compile ``model_path`` for x86 into ``outdir``; returns PrimFunc name -> kind."""
+    from bnfold import ir, lower, pipeline
     from bnfold.targets import _schedule, get
 
     tgt = get("x86").resolved()
     folded, _ = pipeline.fold(ir.load(model_path))
-    shapes = check.input_shapes(onnx.load(str(model_path), load_external_data=False), {})
+    shapes = _shapes(model_path)
     mod = lower.import_relax(lower.freeze(folded, shapes), shapes)
     with _schedule.recording() as matches:
         executable = lower.build(mod, tgt)
@@ -91,10 +104,8 @@ def _ort_ms(model_path: Path, feeds: dict[str, np.ndarray], threads: int, runs: 
 
 def profile(model_path: Path, threads: int = 1, runs: int = 20) -> dict[str, Any]:
     """Compile and profile one model; returns per-kind and per-function median ms per run."""
-    import onnx
     import tvm
 
-    from bnfold import check
     from bnfold.runtime import set_threads
 
     set_threads(threads)
@@ -103,8 +114,7 @@ def profile(model_path: Path, threads: int = 1, runs: int = 20) -> dict[str, Any
         lib = tvm.runtime.load_module(str(Path(tmp) / "model.so"))
         vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
         main = vm["main"]
-        proto = onnx.load(str(model_path), load_external_data=False)
-        in_shapes = check.input_shapes(proto, {})
+        in_shapes = _shapes(model_path)
         rng = np.random.default_rng(0)
         feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in in_shapes.items()}
         args = [tvm.runtime.tensor(a) for a in feeds.values()]

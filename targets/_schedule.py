@@ -15,6 +15,10 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   than a vector (7x7 and 14x14 maps) put output channels on the lanes instead, with weights
   transposed at compile time (:func:`channels_last_weights`). The zero padding becomes a border
   fill plus a condition-free copy.
+- Before the rules, two Relax rewrites give them better-shaped work: a transposed conv whose
+  kernel equals its stride becomes a 1x1 conv plus a depth-to-space rearrangement
+  (:func:`transposed_conv_as_conv`), and convs on narrow maps get transposed weights
+  (:func:`channels_last_weights`).
 - ``matmul``: batch-1 dense layers whose output columns are contiguous in the weight: column
   tiles vectorized, reduction outside, tiles in parallel.
 - ``pool``: 8-bit max pooling (int8 models): padded rows made where they are read, rows in
@@ -376,29 +380,84 @@ def channels_last_weights(target: Any) -> Any:
             return False
         return o % lanes == 0 and ow < lanes
 
+    def rewrite(_bb: Any, call: Any) -> Any:
+        a = call.attrs
+        weight = np.ascontiguousarray(call.args[1].value.numpy().transpose(1, 2, 3, 0))
+        return relax.op.nn.conv2d(
+            call.args[0], relax.const(weight), strides=a.strides, padding=a.padding,
+            dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="IHWO",
+            out_layout="NCHW", out_dtype=a.out_dtype,
+        )  # fmt: skip
+
+    return _call_rewrite("bnfold.ChannelsLastWeights", wanted, rewrite)
+
+
+def _call_rewrite(name: str, wanted: Any, rewrite: Any) -> Any:
+    """A module pass replacing every Relax call for which ``wanted(call)`` holds by
+    ``rewrite(block_builder, call)`` (its operands already rewritten)."""
+    import tvm
+    from tvm import relax
+
     @relax.expr_functor.mutator
     class _Mutator(relax.PyExprMutator):
         def visit_call_(self, call: Any) -> Any:
             call = self.visit_expr_post_order(call)
-            if not wanted(call):
-                return call
-            a = call.attrs
-            weight = np.ascontiguousarray(call.args[1].value.numpy().transpose(1, 2, 3, 0))
-            return relax.op.nn.conv2d(
-                call.args[0], relax.const(weight), strides=a.strides, padding=a.padding,
-                dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="IHWO",
-                out_layout="NCHW", out_dtype=a.out_dtype,
-            )  # fmt: skip
+            return rewrite(self.builder_, call) if wanted(call) else call
 
-    @tvm.transform.module_pass(opt_level=0, name="bnfold.ChannelsLastWeights")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: Any, _ctx: Any) -> Any:
-        mutator = _Mutator(mod)
+        m = _Mutator(mod)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return m.builder_.get()
 
     return _pass
+
+
+def transposed_conv_as_conv() -> Any:
+    """A Relax pass: a ``conv2d_transpose`` whose kernel equals its stride (no padding,
+    dilation 1, one group, constant weights; PP-OCR det's 2x2/2 upsampling) becomes a 1x1 conv
+    to ``O * s * s`` channels and a depth-to-space rearrangement:
+
+        y[n, o, s*h + i, s*w + j] = sum_c x[n, c, h, w] * W[c, o, i, j]
+                                  = conv1x1(x, W')[n, (o*s + i)*s + j, h, w],
+        W'[(o*s + i)*s + j, c] = W[c, o, i, j].
+
+    The same products over the same channels: exact up to summation order. TVM's own lowering
+    dilates the input with zeros (3 of 4 products are zero) in loops no rule schedules
+    (PP-OCR det: 45.6 ms of 61 ms)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    def wanted(call: Any) -> bool:
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d_transpose":
+            return False
+        a, w = call.attrs, call.args[1]
+        if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "IOHW", "NCHW"):
+            return False
+        if not isinstance(w, tvm.ir.expr.Constant) or int(a.groups) != 1:
+            return False
+        kh, kw = (int(d) for d in w.value.shape[2:])
+        return (
+            [int(v) for v in a.strides] == [kh, kw]
+            and all(int(v) == 0 for v in (*a.padding, *a.output_padding))
+            and all(int(v) == 1 for v in a.dilation)
+            and len(getattr(call.args[0].ty, "shape", None).values) == 4
+        )
+
+    def rewrite(bb: Any, call: Any) -> Any:
+        w = call.args[1].value.numpy()
+        c, o, kh, kw = w.shape
+        n, _, h, wd = (int(v) for v in call.args[0].ty.shape.values)
+        w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(o * kh * kw, c, 1, 1))
+        y = bb.emit(relax.op.nn.conv2d(call.args[0], relax.const(w1)))
+        y = bb.emit(relax.op.reshape(y, (n, o, kh, kw, h, wd)))
+        y = bb.emit(relax.op.permute_dims(y, [0, 1, 4, 2, 5, 3]))
+        return relax.op.reshape(y, (n, o, h * kh, wd * kw))
+
+    return _call_rewrite("bnfold.TransposedConvAsConv", wanted, rewrite)
 
 
 def _pool(func: Any, target: Any) -> tuple[Any, str] | None:
@@ -637,6 +696,7 @@ def fused_passes(target: Any) -> list[Any]:
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return [
+        transposed_conv_as_conv(),
         channels_last_weights(target),
         *cpu.library_dispatch_passes(target),
         *cpu.legalize_passes(target),

@@ -252,6 +252,36 @@ def test_strided_convs_read_a_phase_split_copy() -> None:
     assert pads == {12: True, 13: False}
 
 
+def _transposed(rng: np.random.Generator, shape: tuple[int, ...], out_c: int,
+                k: tuple[int, int], stride: tuple[int, int], group: int = 1) -> Op:  # fmt: skip
+    inits = {"w": _w(rng, shape[1], out_c // group, *k), "b": _w(rng, out_c)}
+    attrs = {"kernel_shape": list(k), "strides": list(stride), "group": group}
+    return Op("ConvTranspose", shape, inits, attrs, relu=True)
+
+
+@pytest.mark.parametrize("target", ["x86", pytest.param("arm64", marks=pytest.mark.qemu)])
+def test_transposed_convs_with_kernel_equal_to_stride_become_1x1_convs(
+    target: str, tmp_path: Path
+) -> None:
+    """ConvTranspose with kernel == stride (PP-OCR det's 2x2/2) runs as a 1x1 conv + depth to
+    space; the others keep TVM's lowering. All match onnxruntime."""
+    from bnfold.targets import get
+
+    if not get(target).can_run():
+        pytest.skip(get(target).can_run().why)
+    rng = np.random.default_rng(6)
+    ops = [
+        _transposed(rng, (1, 24, 10, 12), 24, (2, 2), (2, 2)),  # taken
+        _transposed(rng, (1, 8, 5, 7), 1, (2, 2), (2, 2)),  # taken: one output channel
+        _transposed(rng, (1, 6, 4, 5), 5, (3, 2), (3, 2)),  # taken: 3x2 / 3x2
+        _transposed(rng, (1, 4, 5, 5), 6, (3, 3), (2, 2)),  # overlapping taps: TVM's lowering
+        _transposed(rng, (1, 4, 6, 6), 4, (2, 2), (2, 2), group=2),  # grouped: TVM's
+    ]
+    matches = _compile_and_compare(ops, target, tmp_path, rng)
+    transposed = sorted(m.function for m in matches if "conv2d_transpose" in m.function)
+    assert len(transposed) == 2, transposed
+
+
 def test_channel_lanes_only_where_they_fit() -> None:
     """The weight transpose is made only for dense NCHW convs with constant weights, output
     channels a multiple of the vector and rows narrower than it."""
