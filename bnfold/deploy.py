@@ -108,7 +108,11 @@ def connect(
     except Exception as e:  # tvm raises TVMError/RuntimeError/OSError with long text
         what = f"tracker {tracker}" if tracker else f"server {rpc}"
         lines = str(e).strip().splitlines()
-        raise BnfoldError(f"cannot reach the RPC {what}: {lines[-1] if lines else e!r}") from None
+        why = lines[-1] if lines else repr(e)
+        if not tracker and "cannot find server that matches key" in why:
+            # A server registered with a tracker accepts only sessions the tracker hands out.
+            why += " (a server registered with a tracker: use --tracker HOST:PORT --key KEY)"
+        raise BnfoldError(f"cannot reach the RPC {what}: {why}") from None
 
 
 def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:

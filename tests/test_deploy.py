@@ -225,7 +225,8 @@ def test_deploy_through_tracker_with_two_servers(build: Path) -> None:
     try:
         _wait_port(tport, tracker)
         addr = f"127.0.0.1:{tport}"
-        procs += [start_server(free_port(), addr, "edge") for _ in range(2)]
+        ports = [free_port() for _ in range(2)]
+        procs += [start_server(port, addr, "edge") for port in ports]
         client = rpc.connect_tracker("127.0.0.1", tport)
         end = time.monotonic() + 20
         while time.monotonic() < end:
@@ -240,6 +241,9 @@ def test_deploy_through_tracker_with_two_servers(build: Path) -> None:
         del held
         res = CliRunner().invoke(deploy_cmd, [str(build), "--tracker", addr, "--key", "edge"])
         assert res.exit_code == 0 and "PASS" in res.output, res.output
+        # A registered server takes only sessions the tracker hands out: say so.
+        with pytest.raises(BnfoldError, match="registered with a tracker: use --tracker"):
+            deploy.deploy(build, f"127.0.0.1:{ports[0]}", key="edge")
     finally:
         _stop(procs)
 
