@@ -110,18 +110,27 @@ def _parallel_vectorize(sch: Any, block: Any, lanes: int) -> None:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
-def _schedule_pad(sch: Any, block: Any, lanes: int) -> None:
-    """A padded copy: the zero border and the in-bounds copy as two condition-free loops."""
+def _schedule_pad(sch: Any, block: Any, lanes: int, outer: int = 0) -> None:
+    """A padded copy: the zero border and the in-bounds copy as two condition-free loops.
+    ``outer``: loops of the consumer's tile around the copy (after ``compute_at``): those stay
+    as they are; 0: a whole-tensor copy, run in parallel."""
     phases = _phases(sch, block)
     blocks = [block]
+    inner = outer > 0
     if "if_then_else" in str(sch.get(block).body):
         try:
-            blocks.insert(0, sch.decompose_padding(block, sch.get_loops(block)[0]))
+            blocks.insert(0, sch.decompose_padding(block, sch.get_loops(block)[outer]))
         except Exception as e:  # not a recognizable padding: keep the conditional copy
             logger.debug("decompose_padding: %s", str(e).splitlines()[0] if str(e) else e)
     for b in blocks:
         if phases > 1:
-            _phase_order(sch, b, phases, lanes)
+            _phase_order(sch, b, phases, lanes, inner)
+        elif inner:
+            last = sch.get_loops(b)[-1]
+            vec = _divisor_at_most(_extent(sch, last) or 1, lanes)
+            if vec >= 4:
+                _, v = sch.split(last, factors=[None, vec])
+                sch.vectorize(v)
         else:
             _parallel_vectorize(sch, b, lanes)
 
@@ -132,7 +141,7 @@ def _phases(sch: Any, block: Any) -> int:
     return shape[3] if len(shape) == 5 else 1
 
 
-def _phase_order(sch: Any, block: Any, phases: int, lanes: int) -> None:
+def _phase_order(sch: Any, block: Any, phases: int, lanes: int, inner: bool = False) -> None:
     """Loop over a phase-split copy in storage order: the column loop split by the stride,
     the phase outside, so that the stores are contiguous (the loads take the stride)."""
     *outer, last = sch.get_loops(block)
@@ -146,7 +155,7 @@ def _phase_order(sch: Any, block: Any, phases: int, lanes: int) -> None:
     if vec >= 4:
         _, inner = sch.split(col, factors=[None, vec])
         sch.vectorize(inner)
-    if outer:
+    if outer and not inner:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
@@ -214,6 +223,7 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
         return None
     _, ef, ey, ex, erc, ery, erx = ext
     depthwise = erc == 1 and ef > 1
+    local_pad = depthwise and ery * erx > 1  # type: ignore[operator]
     # The input's padded copy: a 1x1 conv's is a plain copy, read the input directly instead;
     # a real padding stays its own loop nest (inlined, it would test bounds in the inner loop).
     if ery == 1 and erx == 1 and _plain_copy_input(sch, before, ey, ex):
@@ -222,7 +232,8 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
     else:
         for b in before:
             _split_stride_phases(sch, conv, b)
-            _schedule_pad(sch, b, lanes)
+            if not local_pad:
+                _schedule_pad(sch, b, lanes)
     if _weights_channels_last(sch, conv):
         return _conv_channel_lanes(sch, conv, epilogue, ext, lanes)  # type: ignore[arg-type]
     xi_n = _row_tile(ex, lanes)
@@ -246,6 +257,14 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
         sch.reverse_compute_at(epilogue, xo)
         sch.compute_inline(acc)
         acc = epilogue
+    if local_pad:
+        # A depthwise conv does few operations per input element: a padded copy of the whole
+        # input would be written and read back through memory. Pad the rows a tile reads,
+        # where it reads them (they stay in L1). Kernel alone, 1 thread, ms: 3x3 32ch 112x112
+        # 0.187 -> 0.147, 3x3/2 96ch 112x112 0.45 -> 0.34, 144ch 56x56 0.23 -> 0.19.
+        for b in before:
+            sch.compute_at(b, yo)
+            _schedule_pad(sch, b, lanes, outer=3)
     # Constant indices into the accumulators (unrolled), else LLVM keeps them in memory.
     # (A 1 x 1 x 1 tile, a depthwise conv on a prime row, has no loops left here.)
     tile_loops = sch.get_loops(acc)[4:]
