@@ -306,7 +306,8 @@ def targets_cmd(as_json: bool) -> None:
 @click.command("tune")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-t", "--target", "target", type=TargetType(), default="x86", show_default=True,
-              help="A CPU target this machine can run (tuning measures here).")  # fmt: skip
+              help="A CPU target this machine can run (tuning measures here); with --tracker, "
+                   "any CPU target for the device's CPU (x86:CPU, arm64:cortex-a72).")  # fmt: skip
 @click.option("--trials", type=click.IntRange(min=0), default=64, show_default=True,
               help="Measured trials in all (about 1.5 s each on 2 cores); 0: no search, only "
                    "choose among the records already in --db.")  # fmt: skip
@@ -316,11 +317,20 @@ def targets_cmd(as_json: bool) -> None:
                    "gain first.")  # fmt: skip
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Threads to measure with (default: this machine's cores, as compile's "
-                   "default); compile with the same --threads.")  # fmt: skip
+                   "default; with --tracker, the device's default thread pool); compile with "
+                   "the same --threads.")  # fmt: skip
 @click.option("--db", "database", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="MetaSchedule database folder (created/extended).")  # fmt: skip
 @click.option("--shape", "shapes", type=ShapeType(), multiple=True,
               help="Concrete shape of an input with dynamic dimensions. Repeatable.")  # fmt: skip
+@click.option("--tracker", metavar="HOST:PORT",
+              help="Measure everything on a device from this TVM RPC tracker (`bnfold serve "
+                   "--tracker`) instead of here; needs --key.")  # fmt: skip
+@click.option("--key", help="Device key: the tracker queue to take the device from.")
+@click.option("--session-timeout", type=click.FloatRange(min=0, min_open=True),
+              default=60, show_default=True, metavar="S",
+              help="With --tracker: seconds one RPC session may last (one function's timing, "
+                   "or one MetaSchedule measurement).")  # fmt: skip
 def tune_cmd(
     model: Path,
     target: str,
@@ -329,6 +339,9 @@ def tune_cmd(
     threads: int | None,
     database: Path,
     shapes: tuple[tuple[str, tuple[int, ...]], ...],
+    tracker: str | None,
+    key: str | None,
+    session_timeout: float,
 ) -> None:
     """Tune MODEL's slowest fused functions with MetaSchedule into a database for `compile --db`.
 
@@ -337,19 +350,24 @@ def tune_cmd(
     schedules the same way: a record is chosen only where it is faster (where bnfold's rules
     decline a function, its record is always taken). The choice goes to DB/bnfold_choice.json;
     `compile --db` applies only the chosen records. Needs psutil, cloudpickle and xgboost-cpu.
+
+    Everything is measured on this machine, or with --tracker HOST:PORT --key KEY on a device
+    the TVM RPC tracker hands out (bnfold's schedules and the records are cross-linked,
+    uploaded and timed there, and the search uses MetaSchedule's RPC runner).
     """
     from bnfold import tune
 
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")
     summary = tune.tune_model(model, target, database, trials, shapes=dict(shapes),
-                              trials_per_task=trials_per_task, threads=threads)  # fmt: skip
+                              trials_per_task=trials_per_task, threads=threads, tracker=tracker,
+                              key=key, session_timeout=session_timeout)  # fmt: skip
     threads_note = f"{summary['threads']} thread{'s' if summary['threads'] != 1 else ''}"
     click.echo(f"tuned {summary['tuned']} of {summary['tasks']} functions of {model} for "
                f"{summary['target']}: {summary['trials']} trials ({summary['trials_per_task']} "
                f"per function), timed with {threads_note}, in {summary['seconds']:.0f} s -> "
                f"{summary['database']}")  # fmt: skip
-    click.echo(tune.table(summary["functions"]))
+    click.echo(tune.table(summary["functions"], summary["measured_on"]))
     click.echo(f"  choice   {summary['choice_file']}")
     click.echo(f"  use it: bnfold compile {model} -t {target} --db {database} "
                f"--threads {summary['threads']} -o OUTDIR")  # fmt: skip

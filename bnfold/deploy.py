@@ -115,6 +115,23 @@ def connect(
         raise BnfoldError(f"cannot reach the RPC {what}: {why}") from None
 
 
+def tracker_servers(tracker: str, key: str) -> int:
+    """How many servers are registered with the tracker ``tracker`` (``HOST:PORT``) under
+    ``key``, busy or free (a session requested for a key no server has waits forever)."""
+    from tvm import rpc as tvm_rpc
+
+    host, port = parse_addr(tracker)
+    try:
+        summary = tvm_rpc.connect_tracker(host, port).summary()
+    except Exception as e:  # tvm raises TVMError/RuntimeError/OSError with long text
+        lines = str(e).strip().splitlines()
+        raise BnfoldError(f"cannot reach the RPC tracker {tracker}: "
+                          f"{lines[-1] if lines else repr(e)}") from None  # fmt: skip
+    # Each entry's key is "server:KEY" (TVM's tracker prefixes the role).
+    return sum(1 for s in summary.get("server_info", []) if s.get("key", "").split(":", 1)[-1]
+               == key)  # fmt: skip
+
+
 def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
     """The model to compare with: the unfolded original recorded in the manifest when it is
     there unchanged, else ``model.folded.onnx`` (with a note saying why)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,9 @@ from bnfold import deploy, emulate, lower  # noqa: E402
 from bnfold.cli_deploy import deploy_cmd, serve_cmd  # noqa: E402
 from bnfold.errors import BnfoldError, CheckFailed  # noqa: E402
 from bnfold.targets import get  # noqa: E402
+from bnfold.testing_rpc import free_port, start_server, start_tracker  # noqa: E402
+from bnfold.testing_rpc import stop as _stop  # noqa: E402
+from bnfold.testing_rpc import wait_port as _wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the bnfold CLI (with every command registered) in a subprocess.
@@ -58,44 +60,6 @@ convbn (float[N,3,8,8] x) => (float[N,4] y) <
 
 def _vals(rng: np.random.Generator, n: int, lo: float, hi: float) -> str:
     return "{" + ", ".join(f"{v:.6f}" for v in rng.uniform(lo, hi, n)) + "}"
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def start_server(port: int, tracker: str | None = None, key: str = "") -> subprocess.Popen[bytes]:
-    """A bnfold RPC server subprocess on loopback (``deploy.serve``), ready to accept."""
-    code = (
-        "import sys; from bnfold import deploy; "
-        f"s = deploy.serve('127.0.0.1', {port}, tracker={tracker!r}, key={key!r}); "
-        "s.thread.join()"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
-    _wait_port(port, proc)
-    return proc
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.wait(timeout=10)
 
 
 def _model(rng: np.random.Generator) -> onnx.ModelProto:
@@ -215,19 +179,12 @@ def test_deploy_through_tracker_with_two_servers(build: Path) -> None:
     pytest.importorskip("tornado")  # TVM's tracker needs it; apache-tvm does not declare it
     from tvm import rpc
 
-    tport = free_port()
-    tracker = subprocess.Popen(
-        [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
-         "--port", str(tport), "--port-end", str(tport + 1)],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    tracker, addr = start_tracker()
     procs = [tracker]
     try:
-        _wait_port(tport, tracker)
-        addr = f"127.0.0.1:{tport}"
         ports = [free_port() for _ in range(2)]
         procs += [start_server(port, addr, "edge") for port in ports]
-        client = rpc.connect_tracker("127.0.0.1", tport)
+        client = rpc.connect_tracker(*deploy.parse_addr(addr))
         end = time.monotonic() + 20
         while time.monotonic() < end:
             queue = client.summary()["queue_info"].get("edge", {})

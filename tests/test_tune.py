@@ -8,6 +8,9 @@ xgboost-cpu), then checks that ``compile --db`` applies exactly the records the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +155,139 @@ def test_tune_refuses_bad_arguments(tmp_path: Path) -> None:
     (tmp_path / tune.CHOICE_FILE).write_text("{}")
     with pytest.raises(BnfoldError, match=r"not a bnfold\.tune_choice/1 file"):
         tune.read_choice(tmp_path)
+
+
+def _tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.onnx"
+    onnx.save(onnx.parser.parse_model(TINY), path)
+    return path
+
+
+def _tune_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m bnfold tune ARGS`` in a fresh process: MetaSchedule configures its loggers
+    once per process, and a second search under pytest (whose capture handlers it copies
+    without names) fails in its logging setup, not in bnfold."""
+    return subprocess.run([sys.executable, "-m", "bnfold", "tune", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def _skip_without_tracker_tuning() -> None:
+    pytest.importorskip("tvm")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("tornado")  # TVM's tracker needs it; apache-tvm does not declare it
+    if tune.missing_packages():
+        pytest.skip(f"MetaSchedule needs {', '.join(tune.missing_packages())}")
+
+
+def _measured_through(db: Path, measured_on: str) -> dict[str, Any]:
+    """The choice file, checked to say every time in it was measured on ``measured_on``."""
+    choice = json.loads((db / tune.CHOICE_FILE).read_text())
+    assert choice["measured_on"] == measured_on
+    assert {e["measured_on"] for e in choice["workloads"].values()} == {measured_on}
+    entries = list(choice["workloads"].values())
+    assert sum(1 for e in entries if e["record"]) == 1  # the search's record, timed there
+    for e in entries:
+        assert e["threads"] == 1 and e["bnfold_ms"] > 0
+        assert e["chosen"] == decide(e["rule"], e["bnfold_ms"], e["tuned_ms"])
+    return choice
+
+
+def _compile_applies(path: Path, target: str, db: Path, out: Path) -> None:
+    """`compile --db` with every record chosen: the records apply and the compiled model
+    matches onnxruntime (compile's own verification, under qemu for arm64)."""
+    from bnfold import lower
+
+    choice = _set_choice(db, "tuned")
+    assert _tuned(choice) >= 1
+    m = lower.compile_model(path, target, out, database=db, threads=1)
+    assert m.verification["status"] == "passed", m.verification
+    assert m.compile["schedule_rules"].get("tuned:database", 0) == _tuned(choice)
+
+
+@pytest.mark.slow
+@pytest.mark.tvm
+def test_tune_measures_on_a_device_from_the_tracker(tmp_path: Path) -> None:
+    """`bnfold tune --tracker --key`: bnfold's schedules, the search (MetaSchedule's RPCRunner)
+    and the choice are all timed on a server taken from a TVM tracker (about 40 s)."""
+    _skip_without_tracker_tuning()
+    from bnfold.testing_rpc import free_port, start_server, start_tracker, stop, wait_free
+
+    path = _tiny(tmp_path)
+    db = tmp_path / "db"
+    tracker, addr = start_tracker()
+    procs = [tracker]
+    try:
+        procs.append(start_server(free_port(), addr, "edge"))
+        wait_free(addr, "edge", 1)
+        result = _tune_cli(str(path), "--trials", "2", "--trials-per-task", "2", "--threads",
+                           "1", "--db", str(db), "--tracker", addr, "--key", "edge",
+                           "--session-timeout", "30")  # fmt: skip
+    finally:
+        stop(procs)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    where = f"tracker {addr} key edge"
+    assert f"times measured on: {where}" in result.stdout, result.stdout
+    _measured_through(db, where)
+    _compile_applies(path, "x86", db, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.tvm
+@pytest.mark.qemu
+def test_tune_arm64_on_an_emulated_device_from_the_tracker(tmp_path: Path) -> None:
+    """`bnfold tune -t arm64 --tracker --key` against the emulated aarch64 RPC server (qemu):
+    cross-linked libraries timed on the device (its TVM has no random fill for MetaSchedule's
+    arguments: filled from here); then `compile --db` for arm64 applies them (about 40 s)."""
+    _skip_without_tracker_tuning()
+    from bnfold import emulate
+    from bnfold.targets import get
+    from bnfold.testing_rpc import free_port, start_tracker, stop, wait_free
+
+    root = Path(os.environ.get(emulate.ROOT_ENV) or emulate.default_root())
+    why = emulate.why_not_ready(root)
+    if why:
+        if os.environ.get(emulate.ROOT_ENV):
+            pytest.fail(f"{emulate.ROOT_ENV} is set but unusable: {why}")
+        pytest.skip(why)
+    if not get("arm64").can_build():
+        pytest.skip(get("arm64").can_build().why)
+    path = _tiny(tmp_path)
+    db = tmp_path / "db"
+    tracker, addr = start_tracker()
+    procs: list[Any] = [tracker]
+    try:
+        server, _ = emulate.start_server(port=free_port(), tracker=addr, key="aarch64",
+                                         root=root, stderr=subprocess.DEVNULL)  # fmt: skip
+        procs.append(server)
+        wait_free(addr, "aarch64", 1)
+        result = _tune_cli(str(path), "-t", "arm64", "--trials", "2", "--trials-per-task", "2",
+                           "--threads", "1", "--db", str(db), "--tracker", addr, "--key",
+                           "aarch64")  # fmt: skip
+    finally:
+        stop(procs)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    where = f"tracker {addr} key aarch64"
+    assert f"times measured on: {where}" in result.stdout and "for arm64" in result.stdout
+    _measured_through(db, where)
+    _compile_applies(path, "arm64", db, tmp_path / "out")
+
+
+@pytest.mark.tvm
+def test_tune_tracker_needs_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--tracker without --key (or --key alone) is one line on stderr and exit 2, before any
+    work."""
+    pytest.importorskip("tvm")
+    from bnfold.cli import main
+
+    path = _tiny(tmp_path)
+    db = tmp_path / "db"
+    for extra, message in (
+        (["--tracker", "127.0.0.1:9190"], "--tracker needs --key"),
+        (["--key", "edge"], "--key needs --tracker"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(["tune", str(path), "--db", str(db), *extra])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not db.exists()
