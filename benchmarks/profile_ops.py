@@ -9,6 +9,12 @@ functions no rule took are named by what they compute: ``pool``, ``reduction``..
 VM's instrumentation hook then times every PrimFunc call (TVM 0.27's VM has no profiler); the
 per-run sums are taken over ``--runs`` runs (median). The last line per model compares the
 end-to-end latency with onnxruntime (ORT_ENABLE_ALL, same threads).
+
+``--int8``: the model is quantized by bnfold (as ``benchmarks.int8_latency`` does, calibrated on
+``inputs/NAME.npz``) and the QDQ model compiled in integer arithmetic; its functions are named
+by what they are (``int8_conv2d_q3``: bnfold's conv kernel of quantize group q3, ``int8_add``,
+``int8_max_pool2d``, ``int8_dense``; fused Relax functions by their ops), and onnxruntime runs
+the same QDQ model (its int8 kernels).
 """
 
 from __future__ import annotations
@@ -102,15 +108,47 @@ def _ort_ms(model_path: Path, feeds: dict[str, np.ndarray], threads: int, runs: 
     return statistics.median(times)
 
 
-def profile(model_path: Path, threads: int = 1, runs: int = 20) -> dict[str, Any]:
-    """Compile and profile one model; returns per-kind and per-function median ms per run."""
+def _compile_int8(model_path: Path, outdir: Path) -> tuple[dict[str, str], Path]:
+    """Quantize ``model_path`` with bnfold (calibrated on its ``inputs/NAME.npz``) and compile
+    the QDQ model for x86 in integer arithmetic into ``outdir``; returns PrimFunc name -> kind
+    (by name: ``int8 conv``, ``int8 add``, ...) and the QDQ model's path."""
+    import onnx
+
+    from bnfold import lower
+    from bnfold.quantize import quantize
+
+    inputs = model_path.parent / "inputs" / f"{model_path.stem}.npz"
+    with np.load(inputs, allow_pickle=False) as data:
+        key = data.files[0]
+        samples = [{key: data[key][i : i + 1]} for i in range(data[key].shape[0])]
+    qdq, _ = quantize(model_path, samples)
+    qdq_path = outdir / f"{model_path.stem}.int8.onnx"
+    outdir.mkdir(parents=True, exist_ok=True)
+    onnx.save(qdq, str(qdq_path))
+    m = lower.compile_model(qdq_path, "x86", outdir, fold=False, verify=False, layerwise=False)
+    kinds = {}
+    for g in m.compile["int8"]["groups"]:
+        if g.get("how") == "kernel":
+            op = {"conv2d": "conv2d", "matmul": "dense"}.get(g["op"], g["op"])
+            kinds[f"int8_{op}_{g['output']}"] = f"int8 {g['op']}"
+    return kinds, qdq_path
+
+
+def profile(
+    model_path: Path, threads: int = 1, runs: int = 20, int8: bool = False
+) -> dict[str, Any]:
+    """Compile and profile one model (``int8``: its bnfold-quantized QDQ model, integer
+    code); returns per-kind and per-function median ms per run."""
     import tvm
 
     from bnfold.runtime import set_threads
 
     set_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bnfold-profile-") as tmp:
-        kinds = _compile(model_path, Path(tmp))
+        if int8:
+            kinds, ort_model = _compile_int8(model_path, Path(tmp))
+        else:
+            kinds, ort_model = _compile(model_path, Path(tmp)), model_path
         lib = tvm.runtime.load_module(str(Path(tmp) / "model.so"))
         vm = tvm.relax.VirtualMachine(lib, tvm.cpu())
         main = vm["main"]
@@ -143,6 +181,7 @@ def profile(model_path: Path, threads: int = 1, runs: int = 20) -> dict[str, Any
             current = collections.Counter()
             main(*args)
             per_run.append(current)
+        ort_ms = _ort_ms(ort_model, feeds, threads, runs)  # the QDQ model lives in tmp
     funcs = {f: statistics.median(r.get(f, 0.0) for r in per_run) for f in per_run[0]}
     by_kind: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
@@ -151,11 +190,12 @@ def profile(model_path: Path, threads: int = 1, runs: int = 20) -> dict[str, Any
         by_kind[kind] += ms
         count[kind] += 1
     return {
-        "model": model_path.stem,
+        "model": model_path.stem + (" int8" if int8 else ""),
         "threads": threads,
         "tvm_ms": statistics.median(e2e),
         "ops_ms": sum(funcs.values()),
-        "ort_ms": _ort_ms(model_path, feeds, threads, runs),
+        "int8": int8,
+        "ort_ms": ort_ms,
         "by_kind": {k: {"ms": v, "functions": count[k]} for k, v in by_kind.most_common()},
         "functions": dict(sorted(funcs.items(), key=lambda kv: -kv[1])),
         "kinds": kinds,
@@ -187,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", type=Path, help="also write the profiles here")
+    parser.add_argument("--int8", action="store_true",
+                        help="profile the bnfold-quantized QDQ model's integer build")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = []
@@ -195,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"{path}: missing (run `python -m benchmarks.models`)", file=sys.stderr)
             return 2
-        results.append(profile(path, args.threads, args.runs))
+        results.append(profile(path, args.threads, args.runs, args.int8))
         print(report(results[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

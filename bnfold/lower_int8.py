@@ -31,6 +31,18 @@ monotone and saturates, and it keeps the Relax pattern a plain ``quantize(conv +
 Convolutions use the target's int8 kernel (:mod:`bnfold.targets._int8`) where it has one, else
 Relax's ``conv2d(out_dtype="int32")`` scheduled by bnfold's CPU rules. A group that does not
 match stays float (dequantize -> float op -> quantize) and is reported with the reason.
+
+Three more patterns, where the target has the kernel (x86):
+
+* ``quantize(act(dequantize(a) + dequantize(b)))`` (a residual connection, same shapes): one
+  8-bit kernel computing onnxruntime's float32 formula
+  ``clip(round((float(a - z_a) s_a + float(b - z_b) s_b) / s_y) + z_y, lo, hi)``;
+* ``quantize(max_pool2d(dequantize(x)))`` with the same scale and zero point (a pass-through):
+  the 8-bit max-pool kernel on ``x`` (other pass-through ops are Relax ops on ``x``);
+* ``matmul(dequantize(x_q), dequantize(W_q)) (+ b)`` whose float result is not quantized again
+  (a classifier's last Gemm, :func:`_float_output_roots`): the integer matmul with the float
+  epilogue ``float(sum (x_q - z_x) W_q) s_x s_w[o] + b[o]`` (AVX-512 VNNI kernel, else Relax
+  integer ops), as onnxruntime's QGemm with a float output; recorded as ``float_output``.
 """
 
 from __future__ import annotations
@@ -61,16 +73,40 @@ PASSTHROUGH_OPS = (
 
 @dataclasses.dataclass
 class Int8Record:
-    """What happened to one quantize group: ``op`` (conv2d/matmul), ``how`` (``kernel``: the
-    target's int8 kernel; ``relax``: Relax integer ops), or ``reason`` why it stayed float."""
+    """What happened to one quantize group (or, ``float_output``, one matmul with a float
+    result): ``op`` (conv2d/matmul), ``how`` (``kernel``: the target's int8 kernel; ``relax``:
+    Relax integer ops), or ``reason`` why it stayed float."""
 
     output: str
     op: str
     how: str | None = None
     reason: str | None = None
+    float_output: bool | None = None  # a matmul with a float result (``f0``...), not a quantize
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class _Group:
+    """An integer conv2d/matmul found by the rewrite: ``call`` (the float conv2d/matmul),
+    its 8-bit input ``x_q`` with zero point ``z_x``, the int8 weight ``w_q`` (as the call
+    reads it: OIHW, or (I, O) / (O, I) when ``transpose``), ``n_out`` output channels with
+    accumulator scales ``acc_scale = s_x s_w[o]``; the bias folded into the accumulator
+    (``b_eff = round(b / acc_scale) - z_x sum W``) for a requantized output, or kept apart for
+    a float one (``bias`` as float, ``zero_fix = -z_x sum W`` as integer)."""
+
+    kind: str
+    call: Any
+    x_q: Any
+    z_x: int
+    w_q: np.ndarray
+    transpose: bool
+    n_out: int
+    acc_scale: np.ndarray
+    b_eff: np.ndarray
+    bias: np.ndarray
+    zero_fix: np.ndarray
 
 
 def requant_params(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +248,25 @@ def _op_name(expr: Any) -> str | None:
     return None
 
 
+def _try_kernel(what: str, name: str, make: Any) -> Any:
+    """What ``make()`` returns (a kernel, or None where it declines); None, with a warning, if
+    it raises: a kernel bug must not break the build, the group then stays on Relax ops."""
+    try:
+        return make()
+    except Exception as e:
+        logger.warning("int8 %s kernel for %s failed (%s); using Relax ops", what, name, e)
+        return None
+
+
+def _emit_kernel(bb: Any, func: Any, symbol: str, args: list[Any], out_type: Any) -> Any:
+    """Add the kernel PrimFunc under its own ``symbol`` (every PrimFunc needs one in the module)
+    and emit its ``call_tir``."""
+    from tvm import relax
+
+    gv = bb.add_func(func.with_attr("global_symbol", symbol), symbol)
+    return bb.emit(relax.call_tir(gv, args, out_type))
+
+
 def _const(expr: Any) -> np.ndarray | None:
     import tvm
 
@@ -245,6 +300,7 @@ def rewrite(
     from tvm import relax
 
     records: list[Int8Record] = []
+    float_records: list[Int8Record] = []
 
     @relax.expr_functor.mutator
     class _Rewriter(relax.PyExprMutator):
@@ -256,6 +312,7 @@ def rewrite(
         def transform(self) -> Any:
             for gv, func in self.mod_.functions_items():
                 if isinstance(func, relax.Function):
+                    self.float_roots = _float_output_roots(func)
                     self.builder_.update_func(gv, self.visit_expr(func))
             return self.builder_.get()
 
@@ -266,7 +323,10 @@ def rewrite(
             return expr
 
         def visit_call_(self, call: Any) -> Any:
+            root = any(call.same_as(c) for c in self.float_roots)
             call = self.visit_expr_post_order(call)
+            if root:
+                return self.float_output(call)
             if _op_name(call) != "relax.quantize":
                 return call
             name = f"q{len(records)}"
@@ -298,6 +358,24 @@ def rewrite(
                     break
                 acts.append(act[:2])
                 e = act[2]
+            added = self.add_kernel(e, acts, float(s_y), int(z_y), out_dtype, name)
+            if added is not None:
+                return added
+            g = self.core(e)
+            if isinstance(g, str):
+                return g
+            mult, shift = requant_params(g.acc_scale / s_y)
+            clamp = _clamp(acts[::-1], g.n_out, s_y, int(z_y), out_dtype, g.kind == "conv2d")
+            if isinstance(clamp, str):
+                return f"{g.kind}: {clamp}"
+            return self.emit_integer(
+                g.kind, g.call, g.x_q, g.z_x, g.w_q, g.transpose, g.b_eff.astype(np.int32),
+                mult, shift, int(z_y), out_dtype, clamp, name,
+            )  # fmt: skip
+
+        def core(self, e: Any) -> _Group | str:
+            """The integer form of ``e = conv2d|matmul(dequantize(x_q), dequantize(W_q)) (+ b)``
+            (see :class:`_Group`), or the reason it has none."""
             bias_expr = None
             if _op_name(e) == "relax.add":
                 a, b = self.value(e.args[0]), self.value(e.args[1])
@@ -356,14 +434,96 @@ def rewrite(
             b_eff = b_acc - int(z_x) * w_sum
             if np.any(np.abs(b_eff) >= 2**31):
                 return f"{kind}: bias does not fit int32"
-            mult, shift = requant_params(acc_scale / s_y)
-            clamp = _clamp(acts[::-1], n_out, s_y, int(z_y), out_dtype, kind == "conv2d")
+            return _Group(kind, e, x.args[0], int(z_x), w_q, transpose, n_out, acc_scale,
+                          b_eff, bias, -int(z_x) * w_sum)  # fmt: skip
+
+        def add_kernel(
+            self, e: Any, acts: list[tuple[str, np.ndarray]], s_y: float, z_y: int,
+            out_dtype: str, name: str,
+        ) -> Any:  # fmt: skip
+            """``call_tir`` of the target's quantized-add kernel for ``quantize(act(
+            dequantize(a) + dequantize(b)))`` (a residual connection; ``acts``: the peeled
+            activations, outermost first), or None (no kernel, or not that pattern: the group
+            stays float). Same shapes only, scalar scales and zero points, activation bounds
+            that are scalars."""
+            if target is None or _op_name(e) != "relax.add":
+                return None
+            parts = [self.value(a) for a in e.args]
+            if any(_op_name(p) != "relax.dequantize" for p in parts):
+                return None
+            shape = [int(v) for v in e.ty.shape.values]
+            q: list[tuple[Any, float, int]] = []
+            for p in parts:
+                s, z = _scalar(p.args[1]), _scalar(p.args[2])
+                x = p.args[0]
+                if s is None or z is None or str(x.ty.dtype) not in INT_RANGES:
+                    return None
+                if [int(v) for v in x.ty.shape.values] != shape:
+                    return None
+                q.append((x, float(s), int(z)))
+            clamp = _clamp(acts[::-1], 1, s_y, z_y, out_dtype, False)
             if isinstance(clamp, str):
-                return f"{kind}: {clamp}"
-            return self.emit_integer(
-                kind, e, x.args[0], int(z_x), w_q, transpose, b_eff.astype(np.int32),
-                mult, shift, int(z_y), out_dtype, clamp, name,
-            )  # fmt: skip
+                return None
+            from bnfold.targets import _int8
+
+            (a, s_a, z_a), (b, s_b, z_b) = q
+            func = _try_kernel("add", name, lambda: _int8.add_int8(
+                tuple(shape), str(a.ty.dtype), s_a, z_a, str(b.ty.dtype), s_b, z_b,
+                s_y, z_y, out_dtype, (int(clamp[0][0]), int(clamp[1][0])), target,
+            ))  # fmt: skip
+            if func is None:
+                return None
+            y = _emit_kernel(self.builder_, func, f"int8_add_{name}", [a, b],
+                             relax.TensorType(shape, out_dtype))  # fmt: skip
+            records.append(Int8Record(name, "add", how="kernel"))
+            return y
+
+        def float_output(self, e: Any) -> Any:
+            """``e = matmul(dequantize(x_q), dequantize(W_q)) (+ b)`` whose float result is
+            not quantized again (a classifier's last Gemm): the integer matmul, then
+            ``float(acc - z_x sum W) * s_x s_w[o] + b[o]`` (as onnxruntime's QGemm with a
+            float output; the float computation on the dequantized values up to float
+            rounding). ``e`` unchanged if it does not match."""
+            name = f"f{len(float_records)}"
+            if select is not None and not select(name):
+                float_records.append(Int8Record(name, "-", reason="not selected",
+                                                float_output=True))  # fmt: skip
+                return e
+            g = self.core(e)
+            if isinstance(g, str) or g.kind != "matmul":
+                reason = g if isinstance(g, str) else f"{g.kind}: float output"
+                float_records.append(Int8Record(name, reason.split(":", 1)[0], reason=reason,
+                                                float_output=True))  # fmt: skip
+                return e
+            bb = self.builder_
+            dtype = str(e.ty.dtype)
+            if target is not None and dtype == "float32":
+                from bnfold.targets import _int8
+
+                w_oi = np.ascontiguousarray(g.w_q if g.transpose else g.w_q.T)
+                x_shape = tuple(int(v) for v in g.x_q.ty.shape.values)
+                kernel = _try_kernel("dense", name, lambda: _int8.dense_int8_float(
+                    x_shape, str(g.x_q.ty.dtype), g.z_x, w_oi, g.acc_scale, g.bias, target
+                ))  # fmt: skip
+                if kernel is not None:
+                    func, consts = kernel
+                    y = _emit_kernel(bb, func, f"int8_dense_{name}",
+                                     [g.x_q, *[relax.const(c) for c in consts]],
+                                     _tensor_type(e, dtype))  # fmt: skip
+                    float_records.append(Int8Record(name, "matmul", how="kernel",
+                                                    float_output=True))  # fmt: skip
+                    return y
+            w = np.ascontiguousarray(g.w_q.T if g.transpose else g.w_q)  # (I, O)
+            acc = bb.emit(relax.op.matmul(g.x_q, relax.const(w), out_dtype="int32"))
+            if np.any(g.zero_fix != 0):
+                acc = bb.emit(relax.op.add(acc, relax.const(
+                    g.zero_fix.reshape(1, -1).astype(np.int32), "int32")))  # fmt: skip
+            y = bb.emit(relax.op.astype(acc, dtype))
+            y = bb.emit(relax.op.multiply(y, relax.const(g.acc_scale.reshape(1, -1), dtype)))
+            if np.any(g.bias != 0):
+                y = bb.emit(relax.op.add(y, relax.const(g.bias.reshape(1, -1), dtype)))
+            float_records.append(Int8Record(name, "matmul", how="relax", float_output=True))
+            return y
 
         def passthrough(self, e: Any, s_y: float, z_y: float, dtype: str, name: str) -> Any:
             """``quantize(op(dequantize(x_q, s, z)), s, z)`` for an op that only moves or
@@ -377,9 +537,39 @@ def rewrite(
                 return None
             if (_scalar(x.args[1]), _scalar(x.args[2])) != (s_y, z_y) or s_y <= 0:
                 return None
+            if op == "relax.nn.max_pool2d":
+                y = self.max_pool_kernel(e, x.args[0], name)
+                if y is not None:
+                    records.append(Int8Record(name, "max_pool2d", how="kernel"))
+                    return y
             y = self.builder_.emit(relax.Call(e.op, [x.args[0], *e.args[1:]], e.attrs))
             records.append(Int8Record(name, op.split(".")[-1], how="relax"))
             return y
+
+        def max_pool_kernel(self, pool: Any, x_q: Any, name: str) -> Any:
+            """``call_tir`` of the target's 8-bit max-pool kernel on ``x_q`` for the
+            ``max_pool2d`` call ``pool`` (NCHW, dilation 1, floor mode), or None (no kernel:
+            Relax's max_pool2d on the 8-bit tensor instead)."""
+            if target is None:
+                return None
+            a = pool.attrs
+            if (str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW" or bool(a.ceil_mode)
+                    or _ints(a.dilation) != [1, 1] or x_q.ty.ndim != 4):  # fmt: skip
+                return None
+            from bnfold.targets import _int8
+
+            pt, pl, pb, pr = _ints(a.padding)
+            x_shape = tuple(int(v) for v in x_q.ty.shape.values)
+            func = _try_kernel("max pool", name, lambda: _int8.max_pool2d_int8(
+                x_shape, str(x_q.ty.dtype), tuple(_ints(a.pool_size)), tuple(_ints(a.strides)),
+                (pt, pl, pb, pr), target,
+            ))  # fmt: skip
+            if func is None:
+                return None
+            return _emit_kernel(
+                self.builder_, func, f"int8_max_pool2d_{name}", [x_q],
+                _tensor_type(pool, str(x_q.ty.dtype)),
+            )
 
         def activation(self, e: Any) -> tuple[str, np.ndarray, Any] | None:
             """``(max|min, bound, input)`` if ``e`` is an activation with a constant bound, as
@@ -453,28 +643,40 @@ def rewrite(
                 pad = _ints(a.padding)  # top, left, bottom, right
                 groups = int(a.groups)
                 x_shape = tuple(int(v) for v in x_q.ty.shape.values)
+                x_kernel = x_q
+                # A strided unpadded 1x1 conv reads only every s-th row and column: it is the
+                # stride-1 1x1 conv (one long row, see the kernel) of the subsampled input.
+                # Exact; the kernel's strided repack would read (and phase-split) all of it
+                # (ResNet-18's downsample 1x1/2 convs, 1 thread: 0.069, 0.065, 0.066 ms ->
+                # slice + conv 0.009 + 0.057, 0.005 + 0.045, 0.003 + 0.049 ms).
+                subsample = (
+                    w_q.shape[2:] == (1, 1) and max(strides) > 1 and not any(pad)
+                    and dilation == [1, 1] and groups == 1
+                )  # fmt: skip
                 kernel = None
                 if target is not None:
                     from bnfold.targets import _int8
 
-                    try:
-                        kernel = _int8.conv2d_int8(
-                            x_shape, str(x_q.ty.dtype), z_x, w_q, b_eff, tuple(strides),
-                            tuple(pad), tuple(dilation), groups, mult, shift, z_y, out_dtype,
-                            (int(lo.min()), int(hi.max())), target,
-                        )  # fmt: skip
-                    except Exception as e:  # a kernel bug must not break the build
-                        logger.warning("int8 kernel for %s failed (%s); using Relax ops", name, e)
-                        kernel = None
+                    k_shape, k_strides = x_shape, tuple(strides)
+                    if subsample:
+                        sh, sw = strides
+                        k_shape = (*x_shape[:2], -(-x_shape[2] // sh), -(-x_shape[3] // sw))
+                        k_strides = (1, 1)
+                    kernel = _try_kernel("conv", name, lambda: _int8.conv2d_int8(
+                        k_shape, str(x_q.ty.dtype), z_x, w_q, b_eff, k_strides,
+                        tuple(pad), tuple(dilation), groups, mult, shift, z_y, out_dtype,
+                        (int(lo.min()), int(hi.max())), target,
+                    ))  # fmt: skip
+                    if kernel is not None and subsample:
+                        x_kernel = bb.emit(relax.op.strided_slice(
+                            x_q, axes=[2, 3], begin=[0, 0], end=list(x_shape[2:]),
+                            strides=list(strides),
+                        ))  # fmt: skip
                 if kernel is not None:
                     func, consts = kernel
-                    # Every PrimFunc needs its own symbol in the module.
-                    func = func.with_attr("global_symbol", f"int8_conv2d_{name}")
-                    gv = bb.add_func(func, f"int8_conv2d_{name}")
-                    y = bb.emit(relax.call_tir(
-                        gv, [x_q, *[relax.const(c) for c in consts]],
-                        _tensor_type(call, out_dtype),
-                    ))  # fmt: skip
+                    y = _emit_kernel(bb, func, f"int8_conv2d_{name}",
+                                     [x_kernel, *[relax.const(c) for c in consts]],
+                                     _tensor_type(call, out_dtype))  # fmt: skip
                     if not uniform:  # per-channel bounds (equalized Clip): one more u8 pass
                         y = bb.emit(relax.op.maximum(y, relax.const(lo.reshape(1, -1, 1, 1),
                                                                     out_dtype)))  # fmt: skip
@@ -519,21 +721,78 @@ def rewrite(
     new = relax.transform.DeadCodeElimination()(_Rewriter(mod).transform())
     done = sum(r.how is not None for r in records)
     logger.info("int8: %d of %d quantize groups in integer arithmetic", done, len(records))
-    return new, records
+    return new, records + float_records
+
+
+# Readers after which a conv2d/matmul result may still become a quantize group's input (an
+# alias ``v = w`` is not followed: counted as one).
+_QUANTIZE_PATH_OPS = (
+    "relax.quantize", "relax.nn.relu", "relax.max", "relax.min", "relax.call_tir", "relax.add",
+    "relax.stack", "relax.broadcast_to", "alias",
+)  # fmt: skip
+
+
+def _float_output_roots(func: Any) -> list[Any]:
+    """The calls ``matmul(...)`` / ``add(matmul(...), b)`` of ``func`` whose result no
+    quantize group can take in: no reader is a quantize, an activation or an add (a bias
+    add is itself the root). Rewriting one of them as a float-output integer matmul cannot take
+    a matmul away from a quantize group that :func:`rewrite` would have made integer."""
+    from tvm import relax
+
+    bindings: dict[Any, Any] = {}
+    readers: dict[Any, list[str]] = {}
+
+    def read(expr: Any, by: str) -> None:
+        if isinstance(expr, relax.Var):
+            readers.setdefault(expr, []).append(by)
+        elif isinstance(expr, relax.Tuple):
+            for f in expr.fields:
+                read(f, by)
+
+    body = func.body
+    for block in body.blocks:
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                continue
+            bindings[b.var] = b.value
+            if isinstance(b.value, relax.Call):
+                by = _op_name(b.value) or "call"
+                for a in b.value.args:
+                    read(a, by)
+            else:
+                read(b.value, "alias")
+    read(body.body, "output")
+    roots = []
+    for var, value in bindings.items():
+        op = _op_name(value)
+        if op not in ("relax.matmul", "relax.add"):
+            continue
+        if any(r in _QUANTIZE_PATH_OPS for r in readers.get(var, [])):
+            continue
+        if op == "relax.add" and not any(
+            isinstance(a, relax.Var) and _op_name(bindings.get(a)) == "relax.matmul"
+            for a in value.args
+        ):
+            continue
+        roots.append(value)
+    return roots
 
 
 def summarize(records: list[Int8Record], dropped: int = 0) -> dict[str, Any]:
     """The manifest's ``compile.int8`` record: how many quantize groups became integer code
-    (with the target's kernels or Relax ops), and why the others stayed float."""
+    (with the target's kernels or Relax ops), and why the others stayed float; and how many
+    matmuls with a float result (``float_output`` records) became integer matmuls."""
+    quantize = [r for r in records if not r.float_output]
     reasons: dict[str, int] = {}
-    for r in records:
+    for r in quantize:
         if r.how is None and r.reason:
             reasons[r.reason] = reasons.get(r.reason, 0) + 1
     return {
         "integer": True,
-        "quantize_groups": len(records),
-        "integer_groups": sum(r.how is not None for r in records),
-        "kernel_groups": sum(r.how == "kernel" for r in records),
+        "quantize_groups": len(quantize),
+        "integer_groups": sum(r.how is not None for r in quantize),
+        "kernel_groups": sum(r.how == "kernel" for r in quantize),
+        "float_output_matmuls": sum(r.how is not None for r in records if r.float_output),
         "activations_dropped": dropped,
         "float_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
         "groups": [r.to_dict() for r in records],

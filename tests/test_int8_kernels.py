@@ -230,6 +230,119 @@ def test_unsupported_cases_return_none() -> None:
     assert K.conv2d_int8(x.shape, "uint8", target=sse, **args) is None
 
 
+def _run_many(func: Any, consts: list[np.ndarray], xs: list[np.ndarray],
+              out_shape: tuple[int, ...], out_dtype: str, target: Any) -> np.ndarray:  # fmt: skip
+    """Like :func:`_run` for a PrimFunc with several tensor inputs ``xs`` before the constants;
+    the call's result feeds one more op, so that it is not the function's output binding (the
+    bindings Relax's reshape detection looks at)."""
+    from tvm import relax
+
+    from bnfold.targets import _schedule
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(list(x.shape), str(x.dtype)))
+              for i, x in enumerate(xs)]  # fmt: skip
+    with bb.function("main", params):
+        with bb.dataflow():
+            gv = bb.add_func(func, "kernel")
+            args = [*params, *[relax.const(a) for a in consts]]
+            y = bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out_shape), out_dtype)))
+            out = bb.emit_output(relax.op.reshape(y, out_shape))
+        bb.emit_func_output(out)
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(x) for x in xs]).numpy()
+
+
+POOL_CASES = {
+    "resnet 3x3/2 pad 1": ((1, 8, 112, 112), "uint8", (3, 3), (2, 2), (1, 1, 1, 1)),
+    "odd 3x3/2 int8": ((1, 5, 13, 11), "int8", (3, 3), (2, 2), (1, 1, 1, 1)),
+    "2x3 strides 1x2 asymmetric pad, batch 2": (
+        (2, 3, 9, 40), "int8", (2, 3), (1, 2), (0, 1, 1, 2)
+    ),
+    "2x2/2 no pad, narrow rows": ((1, 4, 7, 7), "uint8", (2, 2), (2, 2), (0, 0, 0, 0)),
+    "3x3/1 pad 1": ((1, 3, 20, 33), "uint8", (3, 3), (1, 1), (1, 1, 1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(POOL_CASES))
+def test_max_pool_is_bit_exact(name: str) -> None:
+    shape, dtype, pool, strides, padding = POOL_CASES[name]
+    rng = np.random.default_rng(list(POOL_CASES).index(name))
+    lo, hi = K._DTYPES[dtype]
+    x = rng.integers(lo, hi + 1, shape).astype(dtype)
+    ref = K.reference_max_pool2d_int8(x, pool, strides, padding)
+    target = tvm.target.Target(X86)
+    func = K.max_pool2d_int8(shape, dtype, pool, strides, padding, target)
+    assert func is not None
+    np.testing.assert_array_equal(_run_many(func, [], [x], ref.shape, dtype, target), ref)
+    # The reference is Relax's own max_pool2d (padding top, left, bottom, right).
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(list(shape), dtype))
+    with bb.function("main", [xv]):
+        y = bb.emit(relax.op.nn.max_pool2d(xv, pool, strides, padding))
+        bb.emit_func_output(y)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target), tvm.cpu())
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ref)
+
+
+def test_max_pool_declines_what_it_does_not_handle() -> None:
+    target = tvm.target.Target(X86)
+    assert K.max_pool2d_int8((1, 2, 9, 9), "uint8", (3, 3), (3, 3), (1, 1, 1, 1), target) is None
+    assert K.max_pool2d_int8((1, 2, 9, 9), "uint8", (2, 2), (2, 2), (2, 2, 2, 2), target) is None
+    assert K.max_pool2d_int8((1, 2, 9, 9), "float32", (2, 2), (2, 2), (0,) * 4, target) is None
+    sse = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
+    assert K.max_pool2d_int8((1, 2, 9, 9), "uint8", (2, 2), (2, 2), (0,) * 4, sse) is None
+
+
+ADD_CASES = {
+    "resnet 64x56x56 uint8": ((1, 64, 56, 56), ("uint8", "uint8", "uint8"), (0, 255)),
+    "odd size int8 + uint8 -> int8, relu": ((1, 5, 3, 7), ("int8", "uint8", "int8"), (-3, 127)),
+    "fewer than 16 elements": ((2, 5), ("int8", "int8", "uint8"), (0, 255)),
+}
+
+
+@pytest.mark.parametrize("name", list(ADD_CASES))
+def test_add_matches_the_float_reference(name: str) -> None:
+    shape, (da, db, dy), clamp = ADD_CASES[name]
+    rng = np.random.default_rng(list(ADD_CASES).index(name))
+    a = rng.integers(*K._DTYPES[da], shape, endpoint=True).astype(da)
+    b = rng.integers(*K._DTYPES[db], shape, endpoint=True).astype(db)
+    args = (0.0344, int(rng.integers(*K._DTYPES[da])), 0.0107, int(rng.integers(*K._DTYPES[db])),
+            0.0229, int(rng.integers(*K._DTYPES[dy])))  # fmt: skip
+    ref = K.reference_add_int8(a, args[0], args[1], b, args[2], args[3], args[4], args[5], dy,
+                               clamp)  # fmt: skip
+    target = tvm.target.Target(X86)
+    func = K.add_int8(shape, da, args[0], args[1], db, args[2], args[3], args[4], args[5], dy,
+                      clamp, target)  # fmt: skip
+    got = _run_many(func, [], [a, b], shape, dy, target)
+    diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
+    # Equal but where an FMA moved a value across a rounding tie (1 LSB, rare).
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3
+    assert got.min() >= clamp[0] and got.max() <= clamp[1]
+
+
+@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-512 VNNI (+BW, VL)")
+@pytest.mark.parametrize(("n", "i", "o", "dtype", "zp"),
+                         [(1, 512, 1000, "uint8", 3), (2, 37, 70, "int8", -5),
+                          (1, 1280, 1000, "int8", 0), (3, 8, 16, "uint8", 255)])  # fmt: skip
+def test_dense_float_output_is_bit_exact(n: int, i: int, o: int, dtype: str, zp: int) -> None:
+    rng = np.random.default_rng(i)
+    x = rng.integers(*K._DTYPES[dtype], (n, i), endpoint=True).astype(dtype)
+    w = rng.integers(-128, 128, (o, i)).astype(np.int8)
+    scale = rng.uniform(1e-4, 1e-2, o).astype(np.float32)
+    bias = rng.normal(size=o).astype(np.float32)
+    ref = K.reference_dense_int8_float(x, zp, w, scale, bias)
+    target = tvm.target.Target(ZNVER4)
+    func, consts = K.dense_int8_float((n, i), dtype, zp, w, scale, bias, target)
+    got = _run_many(func, consts, [x], (n, o), "float32", target)
+    np.testing.assert_array_equal(got, ref)
+    # Without VNNI there is no dense kernel (Relax's integer matmul instead).
+    assert K.dense_int8_float((n, i), dtype, zp, w, scale, bias, tvm.target.Target(X86)) is None
+
+
 ARM_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "3x3 s1 p1 7x7 odd C", "3x3 s2 p1 int8",
              "shift > 31, relu6 clamp", "batch 2 1x1", "depthwise 3x3 s1 7x7",
              "depthwise 3x3 s2 int8 odd", "depthwise 5x5 s2"]  # fmt: skip

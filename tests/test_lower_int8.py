@@ -87,7 +87,7 @@ def _integer_ops(info: dict) -> dict[str, int]:
     """``{op: count}`` of the quantize groups that became integer code."""
     ops: dict[str, int] = {}
     for g in info["groups"]:
-        if g.get("how"):
+        if g.get("how") and not g.get("float_output"):
             ops[g["op"]] = ops.get(g["op"], 0) + 1
     return ops
 
@@ -120,12 +120,13 @@ def test_integer_layers_match_onnxruntime(case: str, quant: str, tmp_path: Path)
     m = lower.compile_model(path, "x86", tmp_path / "out", fold=False)
     info, v = m.compile["int8"], m.verification
     # Two convs and the MatMul + bias (its output is quantized for the next Gemm) are
-    # integer; the last Gemm feeds the float graph output and stays float. MaxPool and
-    # Flatten run on the 8-bit tensor.
+    # integer; the last Gemm feeds the float graph output: an integer matmul with a float
+    # result. MaxPool (bnfold's 8-bit kernel) and Flatten run on the 8-bit tensor.
     assert _integer_ops(info) == {"conv2d": 2, "matmul": 1, "max_pool2d": 1, "reshape": 1}
+    assert info["float_output_matmuls"] == 1
+    assert [g["how"] for g in info["groups"] if g["op"] == "max_pool2d"] == ["kernel"]
     assert v["status"] == "passed" and v["max_lsb"] <= 1, v
     assert v["tensors"] == len(lower_int8.quantized_tensors(int8))
-    assert m.compile["schedule_rules"].get("bnfold_pool:pool") == 1  # the uint8 MaxPool
     # End to end the artifact still computes the model (small models: few compounding flips).
     assert v["end_to_end"]["result"]["outputs"][0]["cosine"] > 0.99
 
@@ -157,19 +158,123 @@ def test_integer_layers_match_onnxruntime_on_arm64(cpu: str, quant: str, tmp_pat
 
 def test_relax_fallback_without_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the target has no int8 kernel, Relax integer ops (scheduled by bnfold's rules)
-    compute the same thing."""
+    compute the same thing: the convs, the max pool on the 8-bit tensor, and the last Gemm as
+    an integer matmul with a float epilogue."""
     from bnfold.targets import _int8
 
-    monkeypatch.setattr(_int8, "conv2d_int8", lambda *a, **k: None)
+    for kernel in ("conv2d_int8", "max_pool2d_int8", "add_int8", "dense_int8_float"):
+        monkeypatch.setattr(_int8, kernel, lambda *a, **k: None)
     rng = np.random.default_rng(7)
     model = _conv_model(rng, act="Clip")
     int8, _ = quantize(model, _calib(rng, model))
     path = tmp_path / "m.int8.onnx"
     onnx.save(int8, str(path))
     m = lower.compile_model(path, "x86", tmp_path / "out", fold=False)
-    assert m.compile["int8"]["kernel_groups"] == 0
-    assert _integer_ops(m.compile["int8"])["conv2d"] == 2
+    info = m.compile["int8"]
+    assert info["kernel_groups"] == 0
+    assert _integer_ops(info)["conv2d"] == 2
+    assert info["float_output_matmuls"] == 1
+    assert m.compile["schedule_rules"].get("bnfold_pool:pool") == 1  # the uint8 MaxPool
     assert m.verification["status"] == "passed" and m.verification["max_lsb"] <= 1
+    assert m.verification["end_to_end"]["result"]["outputs"][0]["cosine"] > 0.99
+
+
+def _residual_model(rng: np.random.Generator, relu: bool) -> onnx.ModelProto:
+    """x -> Conv -> Relu -> a; Conv(a) -> b; Add(a, b) (-> Relu) -> MaxPool (odd size, so
+    the pool's window overhangs) -> GlobalAveragePool -> Flatten -> Gemm (float output): a
+    residual connection of two quantized tensors, then a classifier."""
+    after = "r = Relu (s)" if relu else "r = Identity (s)"
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,3,11,11] x) => (float[1,7] y) <
+        float[6,3,3,3] w1 = {{{_vals(rng, 6, 3, 3, 3)}}}, float[6] b1 = {{{_vals(rng, 6)}}},
+        float[6,6,3,3] w2 = {{{_vals(rng, 6, 6, 3, 3)}}}, float[6] b2 = {{{_vals(rng, 6)}}},
+        float[7,6] f = {{{_vals(rng, 7, 6)}}}, float[7] fb = {{{_vals(rng, 7)}}}
+    > {{
+        c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+        a = Relu (c1)
+        b = Conv <pads = [1, 1, 1, 1]> (a, w2, b2)
+        s = Add (a, b)
+        {after}
+        mp = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [0, 0, 1, 1]> (r)
+        p = GlobalAveragePool (mp)
+        fl = Flatten (p)
+        y = Gemm <transB = 1> (fl, f, fb)
+    }}
+    """
+    model = onnx.shape_inference.infer_shapes(onnx.parser.parse_model(text))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "relax"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("quant", list(_QUANT_OPTS), ids=lambda q: q)
+def test_residual_add_pool_and_float_gemm_match_onnxruntime(
+    quant: str, relu: bool, kernels: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quantized residual Add (bnfold's add kernel; else it stays float), the 8-bit max
+    pool and the float-output Gemm (an integer matmul with a float epilogue): every quantized
+    tensor within 1 LSB of onnxruntime layer by layer, and the float output equal to
+    onnxruntime's up to float rounding."""
+    from bnfold import runtime
+    from bnfold.targets import _int8
+
+    if not kernels:
+        for kernel in ("conv2d_int8", "max_pool2d_int8", "add_int8", "dense_int8_float"):
+            monkeypatch.setattr(_int8, kernel, lambda *a, **k: None)
+    rng = np.random.default_rng(21 + relu)
+    model = _residual_model(rng, relu)
+    int8, _ = quantize(model, _calib(rng, model), **_QUANT_OPTS[quant])
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    m = lower.compile_model(path, "x86", tmp_path / "out", fold=False)
+    info, v = m.compile["int8"], m.verification
+    how = {g["op"]: g.get("how") for g in info["groups"]}
+    assert how.get("add") == ("kernel" if kernels else None)  # else it stays float
+    assert how["max_pool2d"] == ("kernel" if kernels else "relax")
+    assert info["float_output_matmuls"] == 1
+    assert v["status"] == "passed" and v["max_lsb"] <= 1, v
+    # The Gemm: onnxruntime computes it in float on the dequantized values; fed the same
+    # 8-bit input (a cut at the flattened tensor), the outputs agree to float rounding. A
+    # wrong zero point or scale would be off by far more.
+    art = runtime.load(tmp_path / "out")
+    for feeds in _calib(rng, model, 3):
+        ref = run_onnxruntime(int8, feeds)["y"]
+        got = art.run(feeds)["y"]
+        assert np.max(np.abs(got - ref)) <= 1e-3 * np.max(np.abs(ref)) + 1e-6, (got, ref)
+
+
+def test_float_gemm_is_exact_on_the_same_input(tmp_path: Path) -> None:
+    """The float-output Gemm alone (``x -> Q -> DQ -> Gemm(DQ(W)) + b``): bnfold's integer
+    matmul against onnxruntime's float one on identical 8-bit inputs, to float32 rounding;
+    and the comparison catches an integer matmul that misses the input's zero point."""
+    from bnfold import runtime
+
+    rng = np.random.default_rng(30)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,40] x) => (float[1,70] y) <
+        float[70,40] f = {{{_vals(rng, 70, 40)}}}, float[70] fb = {{{_vals(rng, 70)}}}
+    > {{
+        y = Gemm <transB = 1> (x, f, fb)
+    }}
+    """
+    model = onnx.parser.parse_model(text)
+    calib = [{"x": rng.uniform(-1, 3, (1, 40)).astype(np.float32)} for _ in range(8)]
+    int8, _ = quantize(model, calib, activation_type="uint8")
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    m = lower.compile_model(path, "x86", tmp_path / "out", fold=False, verify=False)
+    assert m.compile["int8"]["float_output_matmuls"] == 1
+    art = runtime.load(tmp_path / "out")
+    q = next(n for n in int8.graph.node if n.op_type == "QuantizeLinear")
+    zp = next(i for i in int8.graph.initializer if i.name == q.input[2])
+    assert onnx.numpy_helper.to_array(zp).item() != 0  # the zero point matters here
+    for feeds in calib:
+        ref = run_onnxruntime(int8, feeds)["y"]
+        got = art.run(feeds)["y"]
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.max(np.abs(ref)))
 
 
 def test_layerwise_gate_catches_a_wrong_requantize(
