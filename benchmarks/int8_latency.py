@@ -31,8 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from benchmarks.models import load_inputs, model_path
 from bnfold.bench import cpu_name, measure
 
 logger = logging.getLogger("int8_latency")
@@ -41,20 +40,31 @@ DEFAULT_MODELS = ("mobilenet_v2", "resnet18")
 BLOCK = 5
 
 
-def _build(name: str, cache: Path, work: Path, threads: int) -> dict[str, Any]:
-    """Quantize and compile ``name``; returns paths and the int8 verification."""
+def quantized_model(cache: Path, name: str, work: Path) -> Path:
+    """bnfold's QDQ model of ``name`` (defaults: per-channel, CLE, bias correction), calibrated
+    on the model's real inputs one sample at a time, saved as ``work/NAME.int8.onnx``."""
     import onnx
 
-    from bnfold import lower
     from bnfold.quantize import quantize
 
-    model = cache / f"{name}.onnx"
-    data = np.load(cache / "inputs" / f"{name}.npz")
-    key = next(iter(data.files))
+    data = load_inputs(cache, name)
+    key = next(iter(data))
     samples = [{key: data[key][i : i + 1]} for i in range(data[key].shape[0])]
-    int8, _ = quantize(model, samples)
+    int8, _ = quantize(model_path(cache, name), samples)
+    work.mkdir(parents=True, exist_ok=True)
     int8_path = work / f"{name}.int8.onnx"
     onnx.save(int8, str(int8_path))
+    return int8_path
+
+
+def _build(name: str, cache: Path, work: Path, threads: int) -> dict[str, Any]:
+    """Quantize and compile ``name``; returns paths and the int8 verification."""
+    from bnfold import lower
+
+    model = model_path(cache, name)
+    data = load_inputs(cache, name)
+    key = next(iter(data))
+    int8_path = quantized_model(cache, name, work)
     fp32_dir, int8_dir = work / f"{name}-fp32", work / f"{name}-int8"
     lower.compile_model(model, "x86", fp32_dir, verify=False, threads=threads)
     m = lower.compile_model(int8_path, "x86", int8_dir, fold=False, threads=threads,

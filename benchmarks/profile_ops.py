@@ -112,19 +112,10 @@ def _compile_int8(model_path: Path, outdir: Path) -> tuple[dict[str, str], Path]
     """Quantize ``model_path`` with bnfold (calibrated on its ``inputs/NAME.npz``) and compile
     the QDQ model for x86 in integer arithmetic into ``outdir``; returns PrimFunc name -> kind
     (by name: ``int8 conv``, ``int8 add``, ...) and the QDQ model's path."""
-    import onnx
-
+    from benchmarks.int8_latency import quantized_model
     from bnfold import lower
-    from bnfold.quantize import quantize
 
-    inputs = model_path.parent / "inputs" / f"{model_path.stem}.npz"
-    with np.load(inputs, allow_pickle=False) as data:
-        key = data.files[0]
-        samples = [{key: data[key][i : i + 1]} for i in range(data[key].shape[0])]
-    qdq, _ = quantize(model_path, samples)
-    qdq_path = outdir / f"{model_path.stem}.int8.onnx"
-    outdir.mkdir(parents=True, exist_ok=True)
-    onnx.save(qdq, str(qdq_path))
+    qdq_path = quantized_model(model_path.parent, model_path.stem, outdir)
     m = lower.compile_model(qdq_path, "x86", outdir, fold=False, verify=False, layerwise=False)
     kinds = {}
     for g in m.compile["int8"]["groups"]:

@@ -11,6 +11,7 @@ runs depends on its target and on this machine:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -196,7 +197,7 @@ def read_manifest(outdir: str | os.PathLike[str]) -> dict[str, Any]:
         raise BnfoldError(f"cannot read {path}: {e}") from None
 
 
-class CompiledModel:
+class CompiledModel(abc.ABC):
     """A compiled model: call it with numpy arrays, get a dict of output name -> numpy array.
 
     ``model(x)`` takes inputs in manifest order, ``model(x=...)`` by name, and so does
@@ -248,9 +249,9 @@ class CompiledModel:
             )
         return {s.name: r for s, r in zip(self.outputs, results, strict=True)}
 
+    @abc.abstractmethod
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; ``inputs`` maps every input name to an array of the compiled shape/dtype."""
-        raise NotImplementedError
 
 
 def set_threads(threads: int | None) -> int:

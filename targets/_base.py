@@ -8,6 +8,7 @@ need tvm (``can_build``) only look for it.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import importlib.util
 import logging
@@ -64,7 +65,7 @@ def tvm_installed() -> Capability:
 
 
 @dataclass(frozen=True)
-class Target:
+class Target(abc.ABC):
     """A compilation target.
 
     Attributes:
@@ -120,9 +121,9 @@ class Target:
         """This target with defaults that depend on the machine filled in (x86: the host CPU)."""
         return self
 
+    @abc.abstractmethod
     def tvm_target(self) -> dict[str, Any]:
         """The TVM target as a dict (TVM 0.27 rejects the old target strings)."""
-        raise NotImplementedError
 
     def tvm_host(self) -> dict[str, Any] | None:
         """The host target for device code, or None when the target is its own host."""

@@ -428,6 +428,45 @@ def _x86_requant(T: Any, zp: int, qmin: int, qmax: int, big: bool, lanes: int = 
     return requant
 
 
+def _padded_rows_macro(
+    T: Any, nr: int, hp: int, pt: int, h: int, w: int, rb: int, pl: int, zp: int,
+    x_dtype: str, lanes: int,
+) -> Any:  # fmt: skip
+    """``padded_rows(xf, xb)``: the TVMScript macro writing the ``nr`` zero-point-padded input
+    rows (``hp`` per image and channel, ``pt`` above the input, ``pl`` columns left, ``rb``
+    bytes each) of the flat NCHW input ``xf`` into ``xb``, rows in parallel chunks."""
+
+    @T.macro
+    def padded_rows(xf: Any, xb: Any) -> None:
+        for chunk in T.parallel(_chunks(nr)):
+            for r in range(chunk * nr // _chunks(nr), (chunk + 1) * nr // _chunks(nr)):
+                row = T.Bind(r % hp - pt)
+                src = T.Bind(r // hp * h * w + row * w)
+                base = T.Bind(r * rb)
+                if row >= 0 and row < h:
+                    for q in range(pl):
+                        xb[base + q] = T.cast(zp, x_dtype)
+                    for v in range(w // lanes):
+                        xb[T.ramp(base + pl + v * lanes, 1, lanes)] = xf[
+                            T.ramp(src + v * lanes, 1, lanes)
+                        ]
+                    for q in range(w // lanes * lanes, w):
+                        xb[base + pl + q] = xf[src + q]
+                    for v in range((rb - pl - w) // lanes):
+                        xb[T.ramp(base + pl + w + v * lanes, 1, lanes)] = T.broadcast(
+                            T.cast(zp, x_dtype), lanes
+                        )
+                    for q in range((rb - pl - w) // lanes * lanes + pl + w, rb):
+                        xb[base + q] = T.cast(zp, x_dtype)
+                else:
+                    for v in range(rb // lanes):
+                        xb[T.ramp(base + v * lanes, 1, lanes)] = T.broadcast(
+                            T.cast(zp, x_dtype), lanes
+                        )
+
+    return padded_rows
+
+
 def _tile_macros(
     T: Any,
     obn: int,
@@ -1132,6 +1171,7 @@ def _dense_direct(
 
     init, store = _tile_macros(T, OBN, YT, XV, LANES, O, OH, OW, out_dtype,
                                _x86_requant(T, out_zero_point, qmin, qmax, BIG))
+    padded_rows = _padded_rows_macro(T, NR, HP, PT, H, W, RB, PL, ZP, x_dtype, LANES)
 
     @T.prim_func
     def conv_direct(
@@ -1145,31 +1185,7 @@ def _dense_direct(
         of = T.decl_buffer((N * O * OH * OW,), out_dtype, data=out.data)
         xb = T.alloc_buffer((XB,), x_dtype)
         # Stage 1: the padded rows as bytes (zero point outside the input).
-        for chunk in T.parallel(_chunks(NR)):
-            for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
-                row = T.Bind(r % HP - PT)
-                src = T.Bind(r // HP * H * W + row * W)
-                base = T.Bind(r * RB)
-                if row >= 0 and row < H:
-                    for q in range(PL):
-                        xb[base + q] = T.cast(ZP, x_dtype)
-                    for v in range(W // LANES):
-                        xb[T.ramp(base + PL + v * LANES, 1, LANES)] = xf[
-                            T.ramp(src + v * LANES, 1, LANES)
-                        ]
-                    for q in range(W // LANES * LANES, W):
-                        xb[base + PL + q] = xf[src + q]
-                    for v in range((RB - PL - W) // LANES):
-                        xb[T.ramp(base + PL + W + v * LANES, 1, LANES)] = T.broadcast(
-                            T.cast(ZP, x_dtype), LANES
-                        )
-                    for q in range((RB - PL - W) // LANES * LANES + PL + W, RB):
-                        xb[base + q] = T.cast(ZP, x_dtype)
-                else:
-                    for v in range(RB // LANES):
-                        xb[T.ramp(base + v * LANES, 1, LANES)] = T.broadcast(
-                            T.cast(ZP, x_dtype), LANES
-                        )
+        padded_rows(xf, xb)
         # Stage 2: tiles of OBN channels x YT rows x XV vectors.
         for chunk in T.parallel(_chunks(NT)):
             acc = T.alloc_buffer((OBN * YT * XV * LANES,), "int32", scope="local")
@@ -1285,6 +1301,7 @@ def _depthwise(
         # No words at all: the padded image as bytes, read by the tiles with widening loads.
         RB = -(-(SW * NX * TX + 2 * KP + 2 * LANES) // LANES) * LANES
         XB = N * C * HP * RB
+        padded_rows = _padded_rows_macro(T, NR, HP, PT, H, W, RB, PL, ZP, x_dtype, LANES)
 
         @T.prim_func
         def dwconv_direct(
@@ -1298,31 +1315,7 @@ def _depthwise(
             of = T.decl_buffer((N * C * OH * OW,), out_dtype, data=out.data)
             xb = T.alloc_buffer((XB,), x_dtype)
             # Stage 1: the padded rows (zero point outside the input).
-            for chunk in T.parallel(_chunks(NR)):
-                for r in range(chunk * NR // _chunks(NR), (chunk + 1) * NR // _chunks(NR)):
-                    row = T.Bind(r % HP - PT)
-                    src = T.Bind(r // HP * H * W + row * W)
-                    base = T.Bind(r * RB)
-                    if row >= 0 and row < H:
-                        for q in range(PL):
-                            xb[base + q] = T.cast(ZP, x_dtype)
-                        for v in range(W // LANES):
-                            xb[T.ramp(base + PL + v * LANES, 1, LANES)] = xf[
-                                T.ramp(src + v * LANES, 1, LANES)
-                            ]
-                        for q in range(W // LANES * LANES, W):
-                            xb[base + PL + q] = xf[src + q]
-                        for v in range((RB - PL - W) // LANES):
-                            xb[T.ramp(base + PL + W + v * LANES, 1, LANES)] = T.broadcast(
-                                T.cast(ZP, x_dtype), LANES
-                            )
-                        for q in range((RB - PL - W) // LANES * LANES + PL + W, RB):
-                            xb[base + q] = T.cast(ZP, x_dtype)
-                    else:
-                        for v in range(RB // LANES):
-                            xb[T.ramp(base + v * LANES, 1, LANES)] = T.broadcast(
-                                T.cast(ZP, x_dtype), LANES
-                            )
+            padded_rows(xf, xb)
             # Stage 2: as dwconv below, the operands made from the bytes by taps().
             for chunk in T.parallel(_chunks(NT)):
                 acc = T.alloc_buffer((YT * XV * LANES,), "int32", scope="local")

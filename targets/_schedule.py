@@ -79,6 +79,14 @@ def _is_reduction(sch: Any, block: Any) -> bool:
     return any(int(iv.iter_type) != 0 for iv in sch.get(block).iter_vars)
 
 
+def _single_reduction(sch: Any, blocks: list[Any], name: str) -> Any:
+    """The function's only reduction block, if its name contains ``name``; else None."""
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reductions) != 1 or name not in sch.get(reductions[0]).name_hint:
+        return None
+    return reductions[0]
+
+
 def _vector_lanes(target: Any) -> int:
     """fp32 lanes of the target's widest vector register."""
     from tvm.target import codegen
@@ -193,10 +201,9 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
 
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    reductions = [b for b in blocks if _is_reduction(sch, b)]
-    if len(reductions) != 1 or "conv2d" not in sch.get(reductions[0]).name_hint:
+    conv = _single_reduction(sch, blocks, "conv2d")
+    if conv is None:
         return None
-    conv = reductions[0]
     if len(sch.get(conv).iter_vars) != 7:
         return None
     lanes = _vector_lanes(target)
@@ -390,14 +397,10 @@ def channels_last_weights(target: Any) -> Any:
             return False
         if str(w.value.dtype) != "float32":
             return False
-        shape = getattr(call.ty, "shape", None)
-        if shape is None or len(shape.values) != 4:
+        shape = _static_shape(call)
+        if shape is None or len(shape) != 4:
             return False
-        try:
-            o, ow = int(shape.values[1]), int(shape.values[3])
-        except TypeError:  # symbolic
-            return False
-        return o % lanes == 0 and ow < lanes
+        return shape[1] % lanes == 0 and shape[3] < lanes
 
     def rewrite(_bb: Any, call: Any) -> Any:
         a = call.attrs
@@ -409,6 +412,18 @@ def channels_last_weights(target: Any) -> Any:
         )  # fmt: skip
 
     return _call_rewrite("bnfold.ChannelsLastWeights", wanted, rewrite)
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    """The shape of a Relax tensor expression as ints; None if unknown or symbolic."""
+    shape = getattr(expr.ty, "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None:
+        return None
+    try:
+        return [int(v) for v in values]
+    except TypeError:  # a symbolic dimension
+        return None
 
 
 def _call_rewrite(name: str, wanted: Any, rewrite: Any) -> Any:
@@ -463,13 +478,13 @@ def transposed_conv_as_conv() -> Any:
             [int(v) for v in a.strides] == [kh, kw]
             and all(int(v) == 0 for v in (*a.padding, *a.output_padding))
             and all(int(v) == 1 for v in a.dilation)
-            and len(getattr(call.args[0].ty, "shape", None).values) == 4
+            and len(_static_shape(call.args[0]) or ()) == 4
         )
 
     def rewrite(bb: Any, call: Any) -> Any:
         w = call.args[1].value.numpy()
         c, o, kh, kw = w.shape
-        n, _, h, wd = (int(v) for v in call.args[0].ty.shape.values)
+        n, _, h, wd = _static_shape(call.args[0])  # type: ignore[misc]
         w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(o * kh * kw, c, 1, 1))
         y = bb.emit(relax.op.nn.conv2d(call.args[0], relax.const(w1)))
         y = bb.emit(relax.op.reshape(y, (n, o, kh, kw, h, wd)))
@@ -490,10 +505,9 @@ def _pool(func: Any, target: Any) -> tuple[Any, str] | None:
 
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    reductions = [b for b in blocks if _is_reduction(sch, b)]
-    if len(reductions) != 1 or "pool" not in sch.get(reductions[0]).name_hint:
+    pool = _single_reduction(sch, blocks, "pool")
+    if pool is None:
         return None
-    pool = reductions[0]
     kinds = [int(iv.iter_type) for iv in sch.get(pool).iter_vars]
     if kinds != [0, 0, 0, 0, 2, 2]:  # n, c, y, x spatial | window rows, columns
         return None
@@ -529,10 +543,9 @@ def _matmul(func: Any, target: Any) -> tuple[Any, str] | None:
 
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    reductions = [b for b in blocks if _is_reduction(sch, b)]
-    if len(reductions) != 1 or "matmul" not in sch.get(reductions[0]).name_hint:
+    red = _single_reduction(sch, blocks, "matmul")
+    if red is None:
         return None
-    red = reductions[0]
     stmt = sch.get(red)
     if not 3 <= len(stmt.iter_vars) <= 4 or int(stmt.iter_vars[-1].iter_type) == 0:
         return None
