@@ -52,7 +52,7 @@ cross-tools:
 # aarch64 TVM runtime wheels): ~30 s and ~220 MB once, then a no-op while the stamp in it matches
 # the installed TVM. Needs root, a Debian mirror and the package index; fails if it cannot build.
 arm64-root: $(STAMP) cross-tools
-	$(BIN)/python -m bnfold.emulate build --root $(BNFOLD_ARM64_ROOT)
+	$(BIN)/python -m bnfold.device.emulate build --root $(BNFOLD_ARM64_ROOT)
 
 # An aarch64 TVM RPC server under qemu-user on 127.0.0.1:$(RPC_PORT), for
 # `bnfold deploy OUTDIR --rpc 127.0.0.1:$(RPC_PORT)` of an arm64 build (Ctrl-C stops it).

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnfold.bench import cpu_name, measure
+from bnfold.device.bench import cpu_name, measure
 
 logger = logging.getLogger("bench_cpu")
 
@@ -32,7 +32,8 @@ BLOCK = 5  # timed runs per engine per round
 
 
 def _measure(outdir: Path, model_path: Path, threads: int, rounds: int) -> dict[str, Any]:
-    """TVM artifact vs onnxruntime ORT_ENABLE_ALL, timed by bnfold.bench's alternating servers."""
+    """TVM artifact vs onnxruntime ORT_ENABLE_ALL, timed by bnfold.device.bench's alternating
+    servers."""
     times = measure(
         {"compiled": (outdir, model_path), "ort": (outdir, model_path)}, threads, rounds, BLOCK
     )
@@ -49,7 +50,7 @@ def _measure(outdir: Path, model_path: Path, threads: int, rounds: int) -> dict[
 
 
 def _compile(name: str, cache: Path, workdir: Path) -> tuple[Path, dict[str, Any]]:
-    from bnfold import lower
+    from bnfold.lower import compiler as lower
 
     outdir = workdir / f"{name}-x86"
     # The real inputs give the shapes of dynamic inputs (PP-OCR); batch 1 either way.
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['model']:<13} {r['threads']:>7} {r['tvm_ms']:>9.2f} {r['ort_ms']:>9.2f} "
               f"{r['ratio']:>8.2f}")  # fmt: skip
-    from bnfold import atomic, lower
+    from bnfold import atomic
+    from bnfold.lower import compiler as lower
 
     atomic.write_json(args.json, {
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),

@@ -124,8 +124,8 @@ def build(out: Path, epochs: int = 15) -> tuple[Path, dict[str, np.ndarray]]:
 
 def run(out: Path, epochs: int = 15) -> list[dict[str, Any]]:
     """Quantize the digits CNN three ways; accuracy of fp32 and int8 on the held-out digits."""
-    from bnfold.quant_report import evaluate, plot_sqnr
-    from bnfold.quantize import quantize
+    from bnfold.quant.quantize import quantize
+    from bnfold.quant.report import evaluate, plot_sqnr
 
     path, data = build(out, epochs)
     calib = [{"x": data["x_train"][i : i + 1]} for i in range(CALIBRATION_SAMPLES)]

@@ -92,7 +92,7 @@ def measure_tvm(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any
     """TVM Relax ``FoldBatchnormToConv2D`` + ``FoldConstant`` time (once) and BN left."""
     from tvm import relax
 
-    from bnfold import lower
+    from bnfold.lower import compiler as lower
 
     mod = lower.import_relax(lower.freeze(bir.load(path), shapes), shapes)
     t0 = time.perf_counter()

@@ -45,10 +45,10 @@ from benchmarks.models import (
     load_inputs,
     model_path,
 )
-from bnfold import calib
 from bnfold.check import run_onnxruntime
-from bnfold.quant_report import evaluate, plot_sqnr
-from bnfold.quantize import quantize
+from bnfold.quant import calib
+from bnfold.quant.quantize import quantize
+from bnfold.quant.report import evaluate, plot_sqnr
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ For each model (default: MobileNetV2 and ResNet-18, batch 1) the model is quanti
 bnfold (per-channel, CLE, bias correction; calibrated on the model's real inputs in
 ``.cache/models/inputs``), then compiled twice for ``x86`` (this machine's CPU): fp32 (the
 folded model) and int8 (the QDQ model, integer kernels). Four engines are timed in their own
-processes, in alternating blocks, never two at once (:func:`bnfold.bench.measure`):
+processes, in alternating blocks, never two at once (:func:`bnfold.device.bench.measure`):
 
 - ``ort``: onnxruntime ORT_ENABLE_ALL on the original fp32 model;
 - ``ort_int8``: onnxruntime ORT_ENABLE_ALL on the same QDQ model (it fuses QDQ groups into
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.models import load_inputs, model_path
-from bnfold.bench import cpu_name, measure
+from bnfold.device.bench import cpu_name, measure
 
 logger = logging.getLogger("int8_latency")
 
@@ -45,7 +45,7 @@ def quantized_model(cache: Path, name: str, work: Path) -> Path:
     on the model's real inputs one sample at a time, saved as ``work/NAME.int8.onnx``."""
     import onnx
 
-    from bnfold.quantize import quantize
+    from bnfold.quant.quantize import quantize
 
     data = load_inputs(cache, name)
     key = next(iter(data))
@@ -59,7 +59,7 @@ def quantized_model(cache: Path, name: str, work: Path) -> Path:
 
 def _build(name: str, cache: Path, work: Path, threads: int) -> dict[str, Any]:
     """Quantize and compile ``name``; returns paths and the int8 verification."""
-    from bnfold import lower
+    from bnfold.lower import compiler as lower
 
     model = model_path(cache, name)
     data = load_inputs(cache, name)

@@ -75,7 +75,8 @@ def _shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
 
 def _compile(model_path: Path, outdir: Path) -> dict[str, str]:
     """Compile ``model_path`` for x86 into ``outdir``; returns PrimFunc name -> kind."""
-    from bnfold import ir, lower, pipeline
+    from bnfold import ir, pipeline
+    from bnfold.lower import compiler as lower
     from bnfold.targets import _schedule, get
 
     tgt = get("x86").resolved()
@@ -113,7 +114,7 @@ def _compile_int8(model_path: Path, outdir: Path) -> tuple[dict[str, str], Path]
     the QDQ model for x86 in integer arithmetic into ``outdir``; returns PrimFunc name -> kind
     (by name: ``int8 conv``, ``int8 add``, ...) and the QDQ model's path."""
     from benchmarks.int8_latency import quantized_model
-    from bnfold import lower
+    from bnfold.lower import compiler as lower
 
     qdq_path = quantized_model(model_path.parent, model_path.stem, outdir)
     m = lower.compile_model(qdq_path, "x86", outdir, fold=False, verify=False, layerwise=False)

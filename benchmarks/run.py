@@ -1,14 +1,13 @@
 """The benchmark suite: latency, fold time and TVM's own BN folding on the real models.
 
-For each model (MobileNetV2, ResNet-18, PP-OCR det/rec/cls; batch 1, shapes of the real inputs)
-it compiles for ``x86``, runs ``bnfold.bench`` (four engines in separate processes, alternating
-blocks: onnxruntime ORT_ENABLE_ALL and optimizations off on the original, onnxruntime on the
-folded model, the compiled artifact), times bnfold's fold pass (median of ``--repeat``),
-onnxoptimizer's ``fuse_bn_into_conv`` (median of ``--repeat``; when ``bnfold[bench]`` is
-installed) and TVM Relax ``FoldBatchnormToConv2D`` + ``FoldConstant`` on the same frozen model
-(once: it takes seconds); see :mod:`benchmarks.fold_speed`. Writes
-``benchmarks/results/<model>.json``, ``suite.json``, ``README.md`` (a markdown table) and PNG
-plots.
+For each model (MobileNetV2, ResNet-18, PP-OCR det/rec/cls; batch 1, shapes of the real inputs) it
+compiles for ``x86``, runs ``bnfold.device.bench`` (four engines in separate processes, alternating
+blocks: onnxruntime ORT_ENABLE_ALL and optimizations off on the original, onnxruntime on the folded
+model, the compiled artifact), times bnfold's fold pass (median of ``--repeat``), onnxoptimizer's
+``fuse_bn_into_conv`` (median of ``--repeat``; when ``bnfold[bench]`` is installed) and TVM Relax
+``FoldBatchnormToConv2D`` + ``FoldConstant`` on the same frozen model (once: it takes seconds); see
+:mod:`benchmarks.fold_speed`. Writes ``benchmarks/results/<model>.json``, ``suite.json``,
+``README.md`` (a markdown table) and PNG plots.
 
     python -m benchmarks.run [--models mobilenet_v2,...] [--threads 1] [--rounds 8]
         [--no-tvm-fold] [--cache .cache/models] [--results benchmarks/results]
@@ -69,7 +68,8 @@ def fold_times(model_path: Path, shapes: dict[str, tuple[int, ...]], repeat: int
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Compile, bench and fold-time one model; returns its JSON row."""
-    from bnfold import bench, lower
+    from bnfold.device import bench
+    from bnfold.lower import compiler as lower
 
     model_path = args.cache / f"{name}.onnx"
     inputs = args.cache / "inputs" / f"{name}.npz"
@@ -148,7 +148,7 @@ def plots(rows: list[dict[str, Any]], results: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from bnfold.bench import LABELS
+    from bnfold.device.bench import LABELS
 
     written = []
     names = [r["model"] for r in rows]
@@ -223,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     import json
 
-    from bnfold import atomic, lower
-    from bnfold.bench import cpu_name
+    from bnfold import atomic
+    from bnfold.device.bench import cpu_name
+    from bnfold.lower import compiler as lower
 
     args.results.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}

@@ -26,7 +26,7 @@ PASSES = {
 
 # The default fp32 pipeline, in order.
 FP32 = ("lift_constants", "remove_identity", "fold_bn", "remove_unused")
-# int8, on the folded graph; driven by bnfold.quantize (needs calibration data).
+# int8, on the folded graph; driven by bnfold.quant.quantize (needs calibration data).
 INT8 = ("equalize", "bias_correction", "quantize_int8")
 
 __all__ = [

@@ -11,7 +11,7 @@ padding value, is exact)::
 
     s_x = (hi - lo) / 255,   z_x = q_min - round(lo / s_x),   x ~ s_x * (x_q - z_x)
 
-where ``[lo, hi]`` comes from calibration (:mod:`bnfold.quantize` uses onnxruntime's
+where ``[lo, hi]`` comes from calibration (:mod:`bnfold.quant.quantize` uses onnxruntime's
 calibrators). A bias becomes int32 with scale ``s_x * s_w`` and zero point 0, so that
 ``b_q + sum(W_q * (x_q - z_x))`` is the exact integer accumulator of the layer.
 

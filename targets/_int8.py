@@ -78,7 +78,7 @@ Unsupported (returns None, the caller falls back to generic Relax ops): grouped 
 depthwise, a depthwise conv with a channel multiplier; x86 without AVX2, other targets; on
 aarch64 without the dot product, dense convs whose weight holds -128.
 
-Besides the convs (x86; the callers are in :mod:`bnfold.lower_int8`): an 8-bit max pool
+Besides the convs (x86; the callers are in :mod:`bnfold.lower.int8`): an 8-bit max pool
 (:func:`max_pool2d_int8`), the add of two quantized tensors (:func:`add_int8`, a residual
 connection) and a dense layer with a float output (:func:`dense_int8_float`, VNNI), each with
 its numpy reference.

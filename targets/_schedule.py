@@ -724,7 +724,7 @@ def apply_rules() -> Any:
 
 def fused_passes(target: Any) -> list[Any]:
     """The CPU pipeline up to operator fusion: the PrimFuncs bnfold's rules (and MetaSchedule,
-    :mod:`bnfold.tune`) schedule are the ones these passes leave."""
+    :mod:`bnfold.lower.tune`) schedule are the ones these passes leave."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return [
@@ -739,7 +739,7 @@ def cpu_pipeline(target: Any, database: str | None = None) -> Any:
     """Relax's CPU pipeline with bnfold's rules (:func:`apply_rules`) after operator fusion.
 
     ``database``: a MetaSchedule work folder (``bnfold tune --db``); the functions for which
-    ``bnfold tune`` chose a record (:func:`bnfold.tune.chosen_database`) take the tuned
+    ``bnfold tune`` chose a record (:func:`bnfold.lower.tune.chosen_database`) take the tuned
     schedule, bnfold's rules schedule the others.
     """
     import tvm
@@ -749,7 +749,7 @@ def cpu_pipeline(target: Any, database: str | None = None) -> Any:
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         tuned: Any = contextlib.nullcontext()
         if database is not None:
-            from bnfold.tune import chosen_database
+            from bnfold.lower.tune import chosen_database
 
             tuned = chosen_database(database)
         with target, tuned:

@@ -14,9 +14,10 @@ from click.testing import CliRunner
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from bnfold import bench, lower  # noqa: E402
-from bnfold.cli_deploy import bench_cmd  # noqa: E402
+from bnfold.cli.deploy import bench_cmd  # noqa: E402
+from bnfold.device import bench  # noqa: E402
 from bnfold.errors import CheckFailed  # noqa: E402
+from bnfold.lower import compiler as lower  # noqa: E402
 
 MODEL = """
 <ir_version: 8, opset_import: ["" : 17]>

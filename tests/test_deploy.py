@@ -1,7 +1,7 @@
 """``bnfold deploy`` / ``serve`` against real TVM RPC servers on loopback.
 
-Servers run as subprocesses (``bnfold.deploy.serve`` in a plain ``python -c``), the tracker as
-``python -m tvm.exec.rpc_tracker``; each on a free port. The model is a small conv+BN built
+Servers run as subprocesses (``bnfold.device.deploy.serve`` in a plain ``python -c``), the tracker
+as ``python -m tvm.exec.rpc_tracker``; each on a free port. The model is a small conv+BN built
 with onnx.parser and compiled for x86; and for arm64, deployed to an aarch64 server run under
 qemu-user (``bnfold serve --emulate arm64``, in the root ``make arm64-root`` builds).
 """
@@ -26,18 +26,19 @@ from click.testing import CliRunner
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
-from bnfold import deploy, emulate, lower  # noqa: E402
-from bnfold.cli_deploy import deploy_cmd, serve_cmd  # noqa: E402
+from bnfold.cli.deploy import deploy_cmd, serve_cmd  # noqa: E402
+from bnfold.device import deploy, emulate  # noqa: E402
 from bnfold.errors import BnfoldError, CheckFailed  # noqa: E402
+from bnfold.lower import compiler as lower  # noqa: E402
 from bnfold.targets import get  # noqa: E402
-from bnfold.testing_rpc import free_port, start_server, start_tracker  # noqa: E402
-from bnfold.testing_rpc import stop as _stop  # noqa: E402
-from bnfold.testing_rpc import wait_port as _wait_port  # noqa: E402
+from bnfold.testing.rpc import free_port, start_server, start_tracker  # noqa: E402
+from bnfold.testing.rpc import stop as _stop  # noqa: E402
+from bnfold.testing.rpc import wait_port as _wait_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Runs the bnfold CLI (with every command registered) in a subprocess.
 CLI_CODE = (
-    "import sys; from bnfold.cli import cli, main; from bnfold.cli_deploy import COMMANDS; "
+    "import sys; from bnfold.cli import cli, main; from bnfold.cli.deploy import COMMANDS; "
     "[cli.add_command(c) for c in COMMANDS]; main(sys.argv[1:])"
 )
 
@@ -80,7 +81,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _int8_build(rng: np.random.Generator, target: str, out: Path) -> Path:
     """The conv+BN model quantized by bnfold (QDQ) and compiled with integer kernels."""
-    from bnfold.quantize import quantize
+    from bnfold.quant.quantize import quantize
 
     fp32 = onnx.shape_inference.infer_shapes(_model(rng))
     calib = [{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from bnfold import ir as bir
 from bnfold.cli import cli
-from bnfold.cli_types import SizeType
+from bnfold.cli.types import SizeType
 from bnfold.errors import BnfoldError
 from tests.fuzz import corpus, harness
 

@@ -1,5 +1,5 @@
 """The int8 conv kernels of :mod:`bnfold.targets._int8` and :mod:`bnfold.targets._int8_neon`:
-built into a Relax module the way ``bnfold.lower_int8`` calls them (``relax.call_tir`` with the
+built into a Relax module the way ``bnfold.lower.int8`` calls them (``relax.call_tir`` with the
 constants as ``relax.const``), run on x86 (AVX2, AVX-512 VNNI where this CPU has it) and, under
 qemu, on aarch64 (baseline NEON, and ``sdot`` for a CPU with the dot product), and compared
 bit-exactly with :func:`reference_conv2d_int8`."""

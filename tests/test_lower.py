@@ -18,10 +18,11 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
-from bnfold import lower, runtime
+from bnfold import runtime
 from bnfold.check import run_onnxruntime
-from bnfold.cli_lower import compile_cmd, run_cmd
+from bnfold.cli.lower import compile_cmd, run_cmd
 from bnfold.errors import BnfoldError
+from bnfold.lower import compiler as lower
 from bnfold.targets import get
 
 pytest.importorskip("tvm")

@@ -1,4 +1,4 @@
-"""Integer compute for QDQ models (bnfold.lower_int8): the Relax rewrite, the fixed-point
+"""Integer compute for QDQ models (bnfold.lower.int8): the Relax rewrite, the fixed-point
 requantize, activation dropping, the layer-by-layer check, and ``compile --int8``.
 
 Small fp32 models are written as onnx.parser text, quantized by bnfold (per-channel or
@@ -19,11 +19,12 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
-from bnfold import lower, lower_int8
 from bnfold.check import run_onnxruntime
 from bnfold.cli import cli
 from bnfold.errors import CheckFailed
-from bnfold.quantize import quantize
+from bnfold.lower import compiler as lower
+from bnfold.lower import int8 as lower_int8
+from bnfold.quant.quantize import quantize
 
 pytest.importorskip("tvm")
 pytest.importorskip("onnxscript")

@@ -18,7 +18,6 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold import calib
 from bnfold import ir as bir
 from bnfold.check import run_onnxruntime
 from bnfold.errors import BnfoldError, CheckFailed
@@ -37,8 +36,9 @@ from bnfold.passes.quantize_int8 import (
     plan,
     quantize_weight,
 )
-from bnfold.quant_report import evaluate, gate, plot_sqnr
-from bnfold.quantize import Runner, quantize
+from bnfold.quant import calib
+from bnfold.quant.quantize import Runner, quantize
+from bnfold.quant.report import evaluate, gate, plot_sqnr
 from bnfold.testing import count_ops, parse
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -504,7 +504,7 @@ def test_split_and_batches() -> None:
 def cli_main():
     """``bnfold.cli.main`` with the quantize command registered (as bnfold.cli will do)."""
     from bnfold.cli import cli, main
-    from bnfold.cli_quant import COMMANDS
+    from bnfold.cli.quant import COMMANDS
 
     for command in COMMANDS:
         if command.name not in cli.commands:
@@ -570,7 +570,7 @@ def test_cli_bad_input_is_one_line_exit_2(
 
 def test_cli_quant_import_is_light() -> None:
     code = (
-        "import sys, bnfold.cli_quant; "
+        "import sys, bnfold.cli.quant; "
         "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'matplotlib', 'PIL') "
         "if m in sys.modules))"
     )
@@ -607,7 +607,7 @@ def test_mobilenet_v2_int8_keeps_its_answers() -> None:
 def test_progress_bars_on_a_terminal() -> None:
     import io
 
-    from bnfold.cli_quant import _Bars
+    from bnfold.cli.quant import _Bars
 
     err = io.StringIO()
     bars = _Bars(enabled=True)

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnfold import runtime
-from bnfold.cli_lower import targets_cmd
+from bnfold.cli.lower import targets_cmd
 from bnfold.errors import BnfoldError
 from bnfold.targets import TARGETS, Capability, Target, get, host_arch
 
@@ -100,7 +100,7 @@ def test_tensor_file_round_trip(tmp_path) -> None:
 
 
 def test_cli_start_does_not_import_tvm_or_onnx() -> None:
-    code = ("import sys, bnfold.cli_lower, bnfold.targets; "
+    code = ("import sys, bnfold.cli.lower, bnfold.targets; "
             "bad = [m for m in ('tvm', 'onnx', 'onnxruntime') if m in sys.modules]; "
             "assert not bad, bad")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)

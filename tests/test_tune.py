@@ -19,8 +19,8 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
-from bnfold import tune
-from bnfold.tune import Function, decide, plan
+from bnfold.lower import tune
+from bnfold.lower.tune import Function, decide, plan
 
 # A conv, a pool and a dense layer: the smallest model with something to tune.
 TINY = """
@@ -99,8 +99,8 @@ def test_tune_writes_a_choice_and_compile_applies_only_it(tmp_path: Path) -> Non
     pytest.importorskip("onnxscript")
     if tune.missing_packages():
         pytest.skip(f"MetaSchedule needs {', '.join(tune.missing_packages())}")
-    from bnfold import lower
-    from bnfold.cli_lower import tune_cmd
+    from bnfold.cli.lower import tune_cmd
+    from bnfold.lower import compiler as lower
 
     path = tmp_path / "tiny.onnx"
     onnx.save(onnx.parser.parse_model(TINY), path)
@@ -195,7 +195,7 @@ def _measured_through(db: Path, measured_on: str) -> dict[str, Any]:
 def _compile_applies(path: Path, target: str, db: Path, out: Path) -> None:
     """`compile --db` with every record chosen: the records apply and the compiled model
     matches onnxruntime (compile's own verification, under qemu for arm64)."""
-    from bnfold import lower
+    from bnfold.lower import compiler as lower
 
     choice = _set_choice(db, "tuned")
     assert _tuned(choice) >= 1
@@ -210,7 +210,7 @@ def test_tune_measures_on_a_device_from_the_tracker(tmp_path: Path) -> None:
     """`bnfold tune --tracker --key`: bnfold's schedules, the search (MetaSchedule's RPCRunner)
     and the choice are all timed on a server taken from a TVM tracker (about 40 s)."""
     _skip_without_tracker_tuning()
-    from bnfold.testing_rpc import free_port, start_server, start_tracker, stop, wait_free
+    from bnfold.testing.rpc import free_port, start_server, start_tracker, stop, wait_free
 
     path = _tiny(tmp_path)
     db = tmp_path / "db"
@@ -239,9 +239,9 @@ def test_tune_arm64_on_an_emulated_device_from_the_tracker(tmp_path: Path) -> No
     cross-linked libraries timed on the device (its TVM has no random fill for MetaSchedule's
     arguments: filled from here); then `compile --db` for arm64 applies them (about 40 s)."""
     _skip_without_tracker_tuning()
-    from bnfold import emulate
+    from bnfold.device import emulate
     from bnfold.targets import get
-    from bnfold.testing_rpc import free_port, start_tracker, stop, wait_free
+    from bnfold.testing.rpc import free_port, start_tracker, stop, wait_free
 
     root = Path(os.environ.get(emulate.ROOT_ENV) or emulate.default_root())
     why = emulate.why_not_ready(root)

@@ -1,11 +1,11 @@
 """MetaSchedule tuning on top of bnfold's CPU schedules: ``bnfold tune`` and ``compile --db``.
 
-``tune_model`` folds, freezes and imports the model exactly as :func:`bnfold.lower.compile_model`
-does, runs the CPU pipeline up to operator fusion (:func:`bnfold.targets._schedule.fused_passes`)
-and tunes some of the fused PrimFuncs it leaves with MetaSchedule, recording into a database
-folder. A short tune's records are often slower than bnfold's rule schedules (MobileNetV2, 100
-trials over all 33 functions: 11.3 ms with bnfold's rules, 38.3 ms with every record applied), so
-a record is used only where it is measured to be faster:
+``tune_model`` folds, freezes and imports the model exactly as
+:func:`bnfold.lower.compiler.compile_model` does, runs the CPU pipeline up to operator fusion
+(:func:`bnfold.targets._schedule.fused_passes`) and tunes some of the fused PrimFuncs it leaves with
+MetaSchedule, recording into a database folder. A short tune's records are often slower than
+bnfold's rule schedules (MobileNetV2, 100 trials over all 33 functions: 11.3 ms with bnfold's rules,
+38.3 ms with every record applied), so a record is used only where it is measured to be faster:
 
 1. Baseline: every function is scheduled with bnfold's rules (TVM's default loops where the rules
    decline: "unscheduled"), built and timed (in this process, or on the device: below).
@@ -117,7 +117,8 @@ def fused_module(
     import onnx
     import tvm
 
-    from bnfold import ir, lower, pipeline
+    from bnfold import ir, pipeline
+    from bnfold.lower import compiler as lower
     from bnfold.targets._schedule import fused_passes
 
     folded, _ = pipeline.fold(ir.load(model_path))
@@ -154,7 +155,7 @@ class MeasureOn:
 
     def check(self) -> None:
         """Raise :class:`BnfoldError` on an incomplete or bad tracker setting (before any work)."""
-        from bnfold.deploy import parse_addr
+        from bnfold.device.deploy import parse_addr
 
         if self.key and not self.tracker:
             raise BnfoldError("--key needs --tracker HOST:PORT (the tracker to take a device from)")
@@ -227,7 +228,7 @@ def _alloc_arguments(session: Any, device: Any, args_info: Any, alloc_repeat: in
 def _session(where: MeasureOn) -> Iterator[Any]:
     """An RPC session on a device from ``where``'s tracker, ended on leaving the block (a server
     serves one session at a time: a session still open would starve MetaSchedule's runner)."""
-    from bnfold.deploy import connect
+    from bnfold.device.deploy import connect
 
     remote = connect(tracker=where.tracker, key=where.key, session_timeout=where.session_timeout)
     try:
@@ -248,7 +249,7 @@ def _device_threads(where: MeasureOn, threads: int | None) -> int:
     allows (default: its default pool, what an artifact without ``--threads`` gets there).
     Also checks, with one-line errors, that the tracker has a server under the key (a request
     for a key no server registered waits forever) and that the device can be measured."""
-    from bnfold.deploy import tracker_servers
+    from bnfold.device.deploy import tracker_servers
 
     servers = tracker_servers(where.tracker or "", where.key or "")
     if not servers:
@@ -568,7 +569,7 @@ def _search(
         return
     runner: Any
     if where.remote:
-        from bnfold.deploy import parse_addr, tracker_servers
+        from bnfold.device.deploy import parse_addr, tracker_servers
 
         host, port = parse_addr(where.tracker or "")
         # The export (and the session's thread count) run in MetaSchedule's worker processes:

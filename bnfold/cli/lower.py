@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from bnfold.cli_quant import quant_options
-from bnfold.cli_types import ShapeType, tolerance_options
+from bnfold.cli.quant import quant_options
+from bnfold.cli.types import ShapeType, tolerance_options
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.targets import TARGETS
 
@@ -147,7 +147,7 @@ def compile_cmd(
     integer kernels. A QDQ model (from --int8 or given) is verified layer by layer: each
     quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
-    from bnfold import lower
+    from bnfold.lower import compiler as lower
 
     if outdir.exists() and not outdir.is_dir():
         raise BnfoldError(f"{outdir}: exists and is not a folder")
@@ -155,7 +155,7 @@ def compile_cmd(
         raise click.UsageError("--calib is for --int8 (quantize, then compile)")
     source = model
     if int8:
-        from bnfold.cli_quant import INT8_MODEL, run_quantize
+        from bnfold.cli.quant import INT8_MODEL, run_quantize
 
         if not model.is_file():
             raise BnfoldError(f"{model}: no such model file")
@@ -355,7 +355,7 @@ def tune_cmd(
     the TVM RPC tracker hands out (bnfold's schedules and the records are cross-linked,
     uploaded and timed there, and the search uses MetaSchedule's RPC runner).
     """
-    from bnfold import tune
+    from bnfold.lower import tune
 
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError, CheckFailed
-from bnfold.quantize import QuantReport, Runner
+from bnfold.quant.quantize import QuantReport, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def evaluate(
 
     Args:
         reference: The original fp32 model (outputs are compared with it).
-        int8: The QDQ model from :func:`bnfold.quantize.quantize`.
+        int8: The QDQ model from :func:`bnfold.quant.quantize.quantize`.
         report: Its report (the float twin and the quantized tensors' names).
         feeds: Held-out batches, not the calibration ones.
         labels: Class labels of the samples, in order, for classifier accuracy.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from bnfold.cli_types import tolerance_options
+from bnfold.cli.types import tolerance_options
 from bnfold.errors import BnfoldError, CheckFailed
 
 
@@ -76,7 +76,8 @@ def deploy_cmd(
     original is gone; the output says so). Then times it on the device with TVM's
     time_evaluator. Exit code 1 if it fails the gate max abs error <= ATOL + RTOL x max|ref|.
     """
-    from bnfold import atomic, deploy
+    from bnfold import atomic
+    from bnfold.device import deploy
 
     if not rpc and not tracker:
         raise click.UsageError("give --rpc HOST:PORT, or --tracker HOST:PORT with --key")
@@ -161,7 +162,7 @@ def serve_cmd(
     registering with a --tracker under a --key that only your clients know, so that
     clients take devices from the tracker instead of connecting to addresses directly.
     """
-    from bnfold import deploy
+    from bnfold.device import deploy
 
     logging.getLogger("bnfold").setLevel(logging.INFO)
     if emulate:
@@ -187,7 +188,7 @@ def _serve_emulated(
 ) -> None:
     """``serve --emulate arm64``: run the server in the emulated Python until it exits or this
     process is interrupted (then stop it and exit 128 + signal)."""
-    from bnfold import emulate
+    from bnfold.device import emulate
 
     proc, bound = emulate.start_server(host, port, port_end, tracker=tracker, key=key)
     where = f", registered with {tracker} as '{key}'" if tracker else ""
@@ -263,7 +264,8 @@ def bench_cmd(
     onnxruntime on the folded model (ORT_ENABLE_ALL) and the compiled artifact. Prints medians,
     p90 and ratios to onnxruntime. Exit code 1 if a gate fails.
     """
-    from bnfold import atomic, bench
+    from bnfold import atomic
+    from bnfold.device import bench
 
     result = bench.bench(
         model_or_outdir, target=target, threads=threads, rounds=rounds, block=block

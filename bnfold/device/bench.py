@@ -1,10 +1,10 @@
 """Fair latency of a compiled model against onnxruntime on this machine (``bnfold bench``).
 
 The method of ``benchmarks/bench_cpu.py``: each engine is a timing server in its own process
-(``python -m bnfold.bench --serve ...``) that loads and warms up, then answers ``run N`` with N
-latencies. Engines are timed in alternating blocks, round by round, never at the same time (two
-thread pools spinning in one machine steal each other's cores), with a short pause between
-blocks and one untimed run at the start of each block. Engines:
+(``python -m bnfold.device.bench --serve ...``) that loads and warms up, then answers ``run N`` with
+N latencies. Engines are timed in alternating blocks, round by round, never at the same time (two
+thread pools spinning in one machine steal each other's cores), with a short pause between blocks
+and one untimed run at the start of each block. Engines:
 
 - ``ort``: onnxruntime, ORT_ENABLE_ALL, on the original (unfolded) model (the baseline);
 - ``ort_noopt``: onnxruntime, graph optimizations off, on the original;
@@ -104,7 +104,7 @@ def measure(
     servers: dict[str, subprocess.Popen[str]] = {}
     try:
         for engine, (outdir, model_path) in models.items():
-            cmd = [sys.executable, "-m", "bnfold.bench", "--serve", engine, str(outdir),
+            cmd = [sys.executable, "-m", "bnfold.device.bench", "--serve", engine, str(outdir),
                    str(model_path), str(threads)]  # fmt: skip
             servers[engine] = proc = subprocess.Popen(
                 cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
@@ -174,8 +174,9 @@ def bench(
         workdir: Where to compile a model (a temporary folder when None).
         shapes: Concrete shapes for dynamic inputs when compiling a model.
     """
-    from bnfold import lower, runtime
-    from bnfold.deploy import reference_model
+    from bnfold import runtime
+    from bnfold.device.deploy import reference_model
+    from bnfold.lower import compiler as lower
     from bnfold.targets import host_arch
 
     path = Path(model_or_outdir)
@@ -260,4 +261,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--serve":
         _serve(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))
         sys.exit(0)
-    sys.exit("usage: python -m bnfold.bench --serve ENGINE OUTDIR MODEL THREADS (internal)")
+    sys.exit("usage: python -m bnfold.device.bench --serve ENGINE OUTDIR MODEL THREADS (internal)")

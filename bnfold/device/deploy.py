@@ -135,7 +135,7 @@ def tracker_servers(tracker: str, key: str) -> int:
 def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
     """The model to compare with: the unfolded original recorded in the manifest when it is
     there unchanged, else ``model.folded.onnx`` (with a note saying why)."""
-    from bnfold.lower import FOLDED, sha256_file
+    from bnfold.lower.compiler import FOLDED, sha256_file
 
     source = manifest.get("source", {})
     path = Path(source.get("path", ""))
@@ -375,12 +375,12 @@ def _layerwise_on_device(
     remote: Any, lw_dir: Path, reference: Path, sample: dict[str, np.ndarray], max_lsb: int
 ) -> dict[str, Any]:
     """Run an int8 artifact's layer-by-layer build on the device with onnxruntime's layer
-    inputs (computed here on ``sample``), and compare: :func:`bnfold.lower_int8.layerwise_record`.
+    inputs (computed here on ``sample``), and compare: :func:`bnfold.lower.int8.layerwise_record`.
     """
     import onnx
     import tvm
 
-    from bnfold import lower_int8
+    from bnfold.lower import int8 as lower_int8
     from bnfold.runtime import read_manifest
 
     lw = read_manifest(lw_dir)

@@ -167,10 +167,11 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``, then applies the
     accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1).
     """
-    from bnfold import calib, quant_report
     from bnfold import ir as bir
     from bnfold.atomic import write_bytes, write_json
-    from bnfold.quantize import quantize
+    from bnfold.quant import calib
+    from bnfold.quant import report as quant_report
+    from bnfold.quant.quantize import quantize
 
     if opts["calib_path"] is None:
         raise click.UsageError("int8 quantization needs --calib DATA (images, .npz or .npy)")
@@ -222,7 +223,7 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
 def _load(
     path: Path, specs: Any, pre: Any, limit: int | None, bars: _Bars, stage: str
 ) -> list[Any]:
-    from bnfold import calib
+    from bnfold.quant import calib
 
     total = limit or 0
     if path.is_dir():

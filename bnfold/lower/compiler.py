@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnfold import lower_int8
 from bnfold.errors import BnfoldError, CheckFailed
+from bnfold.lower import int8 as lower_int8
 from bnfold.targets import Target
 
 logger = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def build_layerwise(
     target: Target,
 ) -> Path:
     """Build ``OUTDIR/layerwise``: the QDQ model cut at every quantized tensor
-    (:func:`bnfold.lower_int8.cut_at_quantized`), compiled like the model, so that each layer
+    (:func:`bnfold.lower.int8.cut_at_quantized`), compiled like the model, so that each layer
     can be run on onnxruntime's inputs (by ``compile``'s verification and by ``deploy``)."""
     import shutil
     import tempfile
@@ -412,7 +412,7 @@ def compile_model(
             native target, all of the device's cores otherwise).
         database: A MetaSchedule folder from ``bnfold tune`` whose records to reuse (CPU).
         integer: For a QDQ (int8) model on a CPU target, compute the quantized conv/matmul
-            groups in integer arithmetic (:mod:`bnfold.lower_int8`); False: TVM's float
+            groups in integer arithmetic (:mod:`bnfold.lower.int8`); False: TVM's float
             fake-quantization.
         max_lsb: The gate of a QDQ model's verification: every quantized tensor within this
             many quantization steps of onnxruntime's, layer by layer

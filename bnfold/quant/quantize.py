@@ -34,7 +34,6 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from bnfold import calib
 from bnfold import ir as bir
 from bnfold.errors import BnfoldError
 from bnfold.passes._util import Namer, is_onnx_op, label
@@ -46,6 +45,7 @@ from bnfold.passes.bias_correction import (
 )
 from bnfold.passes.equalize import BN_STATS_KEY, Equalize
 from bnfold.passes.quantize_int8 import ACTIVATION_TYPES, MIN_OPSET, QuantizeInt8, plan
+from bnfold.quant import calib
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ Progress = Callable[[str, int, int], None]
 @dataclasses.dataclass
 class QuantReport:
     """What :func:`quantize` did: every node's fate, every quantized tensor, CLE, bias
-    correction; ``accuracy`` is filled by :func:`bnfold.quant_report.evaluate`.
+    correction; ``accuracy`` is filled by :func:`bnfold.quant.report.evaluate`.
 
     ``float_model`` (not serialized) is the float twin: see the module doc.
     """
@@ -351,7 +351,7 @@ def quantize(
     Args:
         model: A path, an ``onnx.ModelProto`` or an IR model (never changed: a copy is used).
         calib_feeds: Calibration samples, ``{input name: array}`` with a leading batch axis
-            (see :mod:`bnfold.calib`). Batch-1 samples are grouped into batches.
+            (see :mod:`bnfold.quant.calib`). Batch-1 samples are grouped into batches.
         per_channel: Per-output-channel weight scales (else one per weight tensor).
         activation_type: ``"uint8"`` or ``"int8"`` (asymmetric either way).
         method: Activation calibration: ``"minmax"``, ``"percentile"`` or ``"entropy"``.

@@ -13,10 +13,10 @@ a new Python, which would need binfmt_misc, which is not set up here).
 The server runs real aarch64 machine code, so deploying to it proves an ``arm64`` artifact
 loads and computes the right numbers; its timings are of the emulator, not of any ARM CPU.
 
-Build it with ``make arm64-root`` (installs debootstrap and qemu-user when missing) or
-``python -m bnfold.emulate build``; serve with ``bnfold serve --emulate arm64``. Building needs
-root (debootstrap creates device nodes), Debian's ``dpkg-deb`` and GNU tar, and reaches a Debian
-mirror and the Python package index.
+Build it with ``make arm64-root`` (installs debootstrap and qemu-user when missing) or ``python -m
+bnfold.device.emulate build``; serve with ``bnfold serve --emulate arm64``. Building needs root
+(debootstrap creates device nodes), Debian's ``dpkg-deb`` and GNU tar, and reaches a Debian mirror
+and the Python package index.
 """
 
 from __future__ import annotations
@@ -305,7 +305,7 @@ def start_server(
     Raises:
         BnfoldError: No usable root, or the server exited or did not listen in time.
     """
-    from bnfold.deploy import LOOPBACK, parse_addr
+    from bnfold.device.deploy import LOOPBACK, parse_addr
 
     root = root or default_root()
     why = why_not_ready(root)
@@ -346,8 +346,9 @@ def start_server(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bnfold.emulate build|info``: build the arm64 root, or show where it stands."""
-    ap = argparse.ArgumentParser(prog="python -m bnfold.emulate",
+    """``python -m bnfold.device.emulate build|info``: build the arm64 root, or show where it
+    stands."""
+    ap = argparse.ArgumentParser(prog="python -m bnfold.device.emulate",
                                  description=__doc__.split("\n")[0])  # fmt: skip
     ap.add_argument("action", choices=("build", "info"))
     ap.add_argument("--root", type=Path, help=f"default: ${ROOT_ENV} or $BNFOLD_CACHE/arm64-root")
