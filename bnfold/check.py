@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfold import ir as bir
 from bnfold.errors import BnfoldError
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,9 @@ def _proto(model: ModelLike, max_size_bytes: int | None = None) -> onnx.ModelPro
     if isinstance(model, onnx.ModelProto):
         return model
     if isinstance(model, (str, os.PathLike)):
-        from bnfold import ir as bir
-
         return bir.load_proto(model, check=False, infer_shapes=False, max_size_bytes=max_size_bytes)
     if isinstance(model, bytes):
         return onnx.load_model_from_string(model)
-    from bnfold import ir as bir  # an onnx_ir.Model
 
     return bir.to_proto(model)
 
@@ -72,7 +70,6 @@ def _proto(model: ModelLike, max_size_bytes: int | None = None) -> onnx.ModelPro
 def _model_bytes(model: ModelLike, max_size_bytes: int | None = None) -> bytes:
     if isinstance(model, bytes):
         return model
-    from bnfold import ir as bir
 
     return bir.to_bytes(_proto(model, max_size_bytes))
 

@@ -8,6 +8,8 @@ bytes) and atomically (temp file, then rename).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -183,6 +185,25 @@ def _check_tensors(proto: onnx.ModelProto, base_dir: Path) -> int:
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A model file read once: the validated proto and the sha256 of the bytes that were read.
+
+    A command that needs the model more than once (fold it, hash it, run it as the reference)
+    takes everything from this, so that the file is read once and a file replaced mid-command
+    cannot make the manifest describe one model and the artifact another.
+    """
+
+    path: Path
+    proto: onnx.ModelProto
+    sha256: str
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The one read of a model file's bytes (its external data is read separately)."""
+    return path.read_bytes()
+
+
 def load_proto(
     path: str | os.PathLike[str],
     *,
@@ -191,6 +212,23 @@ def load_proto(
     infer_shapes: bool = True,
 ) -> onnx.ModelProto:
     """Read and validate an ONNX file (with its external data); raise BnfoldError if unusable."""
+    return read_source(
+        path, max_size_bytes=max_size_bytes, check=check, infer_shapes=infer_shapes
+    ).proto
+
+
+def read_source(
+    path: str | os.PathLike[str],
+    *,
+    max_size_bytes: int | None = None,
+    check: bool = True,
+    infer_shapes: bool = True,
+) -> Source:
+    """Read an ONNX file once and validate it (with its external data); see :class:`Source`.
+
+    Raises:
+        BnfoldError: The file is missing, too large, not ONNX, or fails a check.
+    """
     p = Path(path)
     if not p.exists():
         raise BnfoldError(f"{p}: no such file")
@@ -201,10 +239,13 @@ def load_proto(
         raise BnfoldError(f"{p}: empty file, not an ONNX model")
     if max_size_bytes is not None and size > max_size_bytes:
         raise BnfoldError(f"{p}: {size} bytes is over the size limit of {max_size_bytes} bytes")
+    data = _read_bytes(p)
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        proto = onnx.load_model(str(p), load_external_data=False)
+        proto = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf raises DecodeError, RuntimeError or ValueError
         raise BnfoldError(f"{p}: not a valid ONNX protobuf ({_first_line(e)})") from None
+    del data  # a large model's bytes are not kept beside its proto
     if not proto.HasField("graph") or proto.ir_version == 0:
         raise BnfoldError(f"{p}: not an ONNX model (no graph or IR version)")
     _check_strings(proto, p)
@@ -243,7 +284,7 @@ def load_proto(
     if external_tensors:
         _read_external(p, None, proto)
         proto.metadata_props.add(key=_EXTERNAL_FLAG, value="1")
-    return proto
+    return Source(p, proto, digest)
 
 
 _SMALL_TENSOR_BYTES = 64 * 1024

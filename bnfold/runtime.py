@@ -32,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
+import bnfold.targets
 from bnfold.errors import BnfoldError
+from bnfold.targets import host_arch
+from bnfold.targets.x86 import detect_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +102,6 @@ def cache_dir() -> Path:
 
 
 def _runner_source() -> Path:
-    import bnfold.targets
-
     return Path(bnfold.targets.__file__).parent / "runner" / "runner.cc"
 
 
@@ -329,7 +330,6 @@ def _warn_if_foreign_cpu(manifest: dict[str, Any]) -> None:
     cpu = tvm_target.get("mcpu", "")
     if manifest["target"].get("arch") != "x86_64" or cpu in ("", "x86-64"):
         return
-    from bnfold.targets.x86 import detect_cpu
 
     here = detect_cpu()
     if cpu != here:
@@ -409,8 +409,6 @@ def load(
     Raises:
         BnfoldError: If the folder is not a compile output, or this machine cannot run it.
     """
-    from bnfold.targets import host_arch
-
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     if threads is None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError
 
 logger = logging.getLogger(__name__)
@@ -149,8 +150,6 @@ class Target(abc.ABC):
 
         Each file is written to a temp name and renamed.
         """
-        from bnfold.atomic import atomic_path
-
         fcompile = None
         if self.cross_compiler:
             from tvm.support import cc

@@ -40,6 +40,8 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from bnfold.targets._tuning_db import chosen_database
+
 logger = logging.getLogger(__name__)
 
 # A parallel task should have at least this many innermost iterations, so that the thread
@@ -739,8 +741,8 @@ def cpu_pipeline(target: Any, database: str | None = None) -> Any:
     """Relax's CPU pipeline with bnfold's rules (:func:`apply_rules`) after operator fusion.
 
     ``database``: a MetaSchedule work folder (``bnfold tune --db``); the functions for which
-    ``bnfold tune`` chose a record (:func:`bnfold.lower.tune.chosen_database`) take the tuned
-    schedule, bnfold's rules schedule the others.
+    ``bnfold tune`` chose a record (:func:`bnfold.targets._tuning_db.chosen_database`) take the
+    tuned schedule, bnfold's rules schedule the others.
     """
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -749,8 +751,6 @@ def cpu_pipeline(target: Any, database: str | None = None) -> Any:
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         tuned: Any = contextlib.nullcontext()
         if database is not None:
-            from bnfold.lower.tune import chosen_database
-
             tuned = chosen_database(database)
         with target, tuned:
             # The database pass takes the target when it is made, and the database (the one

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError
 from bnfold.targets._base import LIBRARY, Capability, Exported, Target, host_arch, tvm_installed
 
@@ -98,8 +99,6 @@ class CudaTarget(Target):
         return Capability(True)
 
     def export(self, executable: Any, outdir: Path) -> Exported:
-        from bnfold.atomic import atomic_path
-
         exported = super().export(executable, outdir)
         source = cuda_source(executable)
         if source is None:  # no kernel at all (a model of only reshapes): nothing to compile

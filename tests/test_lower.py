@@ -7,6 +7,7 @@ under qemu about a minute).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
+from bnfold import ir as bir
 from bnfold import runtime
 from bnfold.check import run_onnxruntime
 from bnfold.cli.lower import compile_cmd, run_cmd
@@ -111,6 +113,30 @@ def test_x86_compile_writes_a_complete_folder(x86_build: Path, conv_bn: Path) ->
     assert m["verification"]["worst_abs_over_max_ref"] <= 1e-4
     folded = onnx.load(x86_build / lower.FOLDED)
     assert "BatchNormalization" not in {n.op_type for n in folded.graph.node}
+
+
+def test_compile_reads_the_model_file_once(
+    conv_bn: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file is moved away as soon as it has been read: any second read (the hash, the
+    # reference of the verification) would fail, and the manifest must hash what was compiled.
+    model = tmp_path / "m.onnx"
+    shutil.copy(conv_bn, model)
+    original = model.read_bytes()
+    reads: list[Path] = []
+    read_bytes = bir._read_bytes
+
+    def read_then_remove(path: Path) -> bytes:
+        data = read_bytes(path)
+        reads.append(path)
+        path.rename(tmp_path / "moved.onnx")
+        return data
+
+    monkeypatch.setattr(bir, "_read_bytes", read_then_remove)
+    manifest = lower.compile_model(model, "x86", tmp_path / "out", {"x": (1, 3, 16, 16)})
+    assert reads == [model]
+    assert manifest.verification["status"] == "passed"
+    assert manifest.source["sha256"] == hashlib.sha256(original).hexdigest()
 
 
 def test_runtime_load_runs_like_onnxruntime(x86_build: Path, conv_bn: Path) -> None:

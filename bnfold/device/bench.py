@@ -28,7 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from bnfold import runtime
+from bnfold.device.deploy import reference_model
 from bnfold.errors import BnfoldError
+from bnfold.lower import compiler as lower
+from bnfold.targets import host_arch
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +52,6 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
     list of N latencies in ms, until EOF or ``quit``. ``compiled*`` engines run the artifact in
     ``outdir``; the others run ``model_path`` in onnxruntime (``ort_noopt``: optimizations off,
     any other name: ORT_ENABLE_ALL)."""
-    from bnfold import runtime
-
     manifest = runtime.read_manifest(outdir)
     rng = np.random.default_rng(0)
     feeds = {
@@ -174,11 +176,6 @@ def bench(
         workdir: Where to compile a model (a temporary folder when None).
         shapes: Concrete shapes for dynamic inputs when compiling a model.
     """
-    from bnfold import runtime
-    from bnfold.device.deploy import reference_model
-    from bnfold.lower import compiler as lower
-    from bnfold.targets import host_arch
-
     path = Path(model_or_outdir)
     tmp = None
     compile_info: dict[str, Any] = {}

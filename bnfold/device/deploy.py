@@ -26,7 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from bnfold import check
 from bnfold.errors import BnfoldError
+from bnfold.lower import int8 as lower_int8
+from bnfold.lower.compiler import FOLDED, sha256_file
+from bnfold.runtime import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +139,6 @@ def tracker_servers(tracker: str, key: str) -> int:
 def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
     """The model to compare with: the unfolded original recorded in the manifest when it is
     there unchanged, else ``model.folded.onnx`` (with a note saying why)."""
-    from bnfold.lower.compiler import FOLDED, sha256_file
-
     source = manifest.get("source", {})
     path = Path(source.get("path", ""))
     if not path.is_absolute() and not path.is_file():
@@ -278,9 +280,6 @@ def deploy(
     """
     import tvm
 
-    from bnfold import check
-    from bnfold.runtime import read_manifest
-
     out = Path(outdir)
     manifest = read_manifest(out)
     files = manifest["artifact"]["files"]
@@ -379,9 +378,6 @@ def _layerwise_on_device(
     """
     import onnx
     import tvm
-
-    from bnfold.lower import int8 as lower_int8
-    from bnfold.runtime import read_manifest
 
     lw = read_manifest(lw_dir)
     library = lw_dir / lw["artifact"]["files"]["library"]

@@ -37,7 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from bnfold.device.deploy import LOOPBACK, parse_addr
 from bnfold.errors import BnfoldError
+from bnfold.runtime import _locked, cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,6 @@ SMOKE_CODE = (
 
 def default_root() -> Path:
     """``$BNFOLD_ARM64_ROOT``, else ``arm64-root`` in bnfold's cache (``$BNFOLD_CACHE``)."""
-    from bnfold.runtime import cache_dir
-
     env = os.environ.get(ROOT_ENV)
     return Path(env) if env else cache_dir() / "arm64-root"
 
@@ -232,8 +232,6 @@ def build_root(root: Path | None = None, *, mirror: str = MIRROR, force: bool = 
         BnfoldError: A tool is missing, not root, the mirror or the package index cannot be
             reached, or the built Python cannot import TVM under qemu.
     """
-    from bnfold.runtime import _locked
-
     root = (root or default_root()).absolute()
     versions = wanted_versions()
     with _locked(root.parent / f".{root.name}.lock"):
@@ -305,8 +303,6 @@ def start_server(
     Raises:
         BnfoldError: No usable root, or the server exited or did not listen in time.
     """
-    from bnfold.device.deploy import LOOPBACK, parse_addr
-
     root = root or default_root()
     why = why_not_ready(root)
     if why:

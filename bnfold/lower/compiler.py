@@ -33,9 +33,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+import bnfold
+from bnfold import atomic, check, ir, pipeline, runtime
+from bnfold import targets as targets_
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.lower import int8 as lower_int8
-from bnfold.targets import Target
+from bnfold.targets import Target, _schedule, host_arch
+from bnfold.targets._schedule import cpu_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +101,6 @@ def _version(dist: str) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of everything that shapes the artifact."""
-    import bnfold
-
     return {
         "bnfold": bnfold.__version__,
         "apache-tvm": _version("apache-tvm"),
@@ -125,8 +127,6 @@ def resolve_shapes(
     ``shapes`` (``--shape``) wins; otherwise an input's dynamic dimensions come from ``feeds``
     (``--inputs``), and a dynamic batch alone defaults to 1 (see :func:`bnfold.check.input_shapes`).
     """
-    from bnfold import check
-
     given = dict(shapes or {})
     for vi in check.graph_inputs(proto):
         dims = vi.type.tensor_type.shape.dim
@@ -205,8 +205,6 @@ def build(mod: Any, target: Target, schedule: bool = True, database: str | None 
 
     tgt = tvm_target(target)
     if target.device == "cpu" and schedule:
-        from bnfold.targets._schedule import cpu_pipeline
-
         return tvm.compile(mod, target=tgt, relax_pipeline=cpu_pipeline(tgt, database))
     return tvm.compile(mod, target=tgt)
 
@@ -215,8 +213,6 @@ def default_threads(target: Target) -> int | None:
     """The runtime threads a target gets by default: this machine's cores for a target that runs
     natively here (x86 on x86), None (all of the device's cores, decided where it runs) otherwise.
     """
-    from bnfold.targets import host_arch
-
     if target.device == "cpu" and target.arch == host_arch():
         return os.cpu_count() or 1
     return None
@@ -274,8 +270,6 @@ def verify_artifact(
     """Run the artifact in ``outdir`` and the reference model (onnxruntime, optimizations off)
     on ``feeds`` (or ``random`` random sets of ``shapes``) and compare; returns the record for
     the manifest (``status`` passed/failed, the metrics of :func:`bnfold.check.verify`)."""
-    from bnfold import check, runtime
-
     model = runtime.load(outdir)
     start = time.perf_counter()
     result = check.verify(
@@ -293,9 +287,13 @@ def verify_artifact(
     }
 
 
+def _as_proto(model: str | os.PathLike[str] | onnx.ModelProto) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+
+
 def build_layerwise(
     outdir: Path,
-    reference: str | os.PathLike[str],
+    reference: str | os.PathLike[str] | onnx.ModelProto,
     shapes: Mapping[str, tuple[int, ...]],
     target: Target,
 ) -> Path:
@@ -305,9 +303,7 @@ def build_layerwise(
     import shutil
     import tempfile
 
-    from bnfold import check
-
-    source = onnx.load(str(reference))
+    source = _as_proto(reference)
     probe = check.random_inputs(source, check.input_shapes(source, shapes), 0)
     values, _ = lower_int8.layer_inputs(source, probe)  # only the tensors' shapes are used
     cut, cut_feeds = lower_int8.cut_at_quantized(source, values)
@@ -330,7 +326,7 @@ def build_layerwise(
 
 def verify_int8_artifact(
     outdir: str | os.PathLike[str],
-    reference: str | os.PathLike[str],
+    reference: str | os.PathLike[str] | onnx.ModelProto,
     feeds: Mapping[str, np.ndarray] | None,
     shapes: Mapping[str, tuple[int, ...]],
     *,
@@ -349,9 +345,7 @@ def verify_int8_artifact(
     * end to end (reported): the artifact's outputs vs onnxruntime's on the whole model
       (cosine, top-1 agreement, max abs error).
     """
-    from bnfold import check, runtime
-
-    source = onnx.load(str(reference))
+    source = _as_proto(reference)
     if feeds is None:
         concrete = check.input_shapes(source, shapes)
         sample = check.random_inputs(source, concrete, 0)
@@ -424,9 +418,6 @@ def compile_model(
         BnfoldError: Bad input (model, shapes, target that cannot build here).
         CheckFailed: The artifact failed verification (the manifest is written first).
     """
-    from bnfold import atomic, check, ir, pipeline
-    from bnfold import targets as targets_
-
     model_path = Path(model_path)
     out = Path(outdir)
     tgt = (targets_.get(target) if isinstance(target, str) else target).resolved()
@@ -450,7 +441,10 @@ def compile_model(
         return time.perf_counter()
 
     t = t_start = time.perf_counter()
-    loaded = ir.load(model_path)
+    # The one read of the model file: the fold, the manifest's hash and the verification's
+    # reference all come from it.
+    source = ir.read_source(model_path)
+    loaded = ir.from_proto(source.proto, source=str(model_path))
     if fold:
         folded, report = pipeline.fold(loaded)
         fold_report = report.to_dict()
@@ -460,8 +454,8 @@ def compile_model(
     ir.save(folded, folded_path)
     t = step("fold", t)
 
-    # The original's input metadata (fold changes the IR model in place).
-    source_proto = onnx.load(str(model_path), load_external_data=False)
+    # The original's input metadata (the fold changed the IR model, never the source proto).
+    source_proto = source.proto
     feeds = None
     if inputs is not None:
         feeds = (
@@ -493,8 +487,6 @@ def compile_model(
         int8_info = lower_int8.summarize(records, dropped)
     t = step("import", t)
 
-    from bnfold.targets import _schedule
-
     with _schedule.recording() as matches:
         executable = build(mod, tgt, schedule, None if database is None else str(database))
     t = step("build", t)
@@ -502,7 +494,7 @@ def compile_model(
     exported = tgt.export(executable, out)
     t = step("export", t)
     if use_integer and layerwise:
-        build_layerwise(out, model_path, concrete, tgt)
+        build_layerwise(out, source_proto, concrete, tgt)
         assert int8_info is not None
         int8_info["layerwise"] = LAYERWISE
         t = step("layerwise", t)
@@ -524,7 +516,7 @@ def compile_model(
             "sha256": {p.name: sha256_file(p) for p in exported.files.values()},
             "meta": exported.meta,
         },
-        source={"path": str(model_path), "sha256": sha256_file(model_path)},
+        source={"path": str(model_path), "sha256": source.sha256},
         folded={"file": FOLDED, "sha256": sha256_file(folded_path)},
         versions=versions(),
         fold_report=fold_report,
@@ -552,11 +544,11 @@ def compile_model(
     if verify and runnable:
         if use_integer and layerwise:
             manifest.verification = verify_int8_artifact(
-                out, model_path, feeds, concrete, max_lsb=max_lsb, random=random
+                out, source_proto, feeds, concrete, max_lsb=max_lsb, random=random
             )
         else:
             manifest.verification = verify_artifact(
-                out, model_path, feeds, concrete, atol=atol, rtol=rtol, random=random
+                out, source_proto, feeds, concrete, atol=atol, rtol=rtol, random=random
             )
         if runnable.why:
             manifest.verification["how"] = runnable.why

@@ -55,6 +55,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfold import check
+from bnfold.targets import _int8
+
 logger = logging.getLogger(__name__)
 
 INT_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
@@ -464,7 +467,6 @@ def rewrite(
             clamp = _clamp(acts[::-1], 1, s_y, z_y, out_dtype, False)
             if isinstance(clamp, str):
                 return None
-            from bnfold.targets import _int8
 
             (a, s_a, z_a), (b, s_b, z_b) = q
             func = _try_kernel("add", name, lambda: _int8.add_int8(
@@ -498,8 +500,6 @@ def rewrite(
             bb = self.builder_
             dtype = str(e.ty.dtype)
             if target is not None and dtype == "float32":
-                from bnfold.targets import _int8
-
                 w_oi = np.ascontiguousarray(g.w_q if g.transpose else g.w_q.T)
                 x_shape = tuple(int(v) for v in g.x_q.ty.shape.values)
                 kernel = _try_kernel("dense", name, lambda: _int8.dense_int8_float(
@@ -556,7 +556,6 @@ def rewrite(
             if (str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW" or bool(a.ceil_mode)
                     or _ints(a.dilation) != [1, 1] or x_q.ty.ndim != 4):  # fmt: skip
                 return None
-            from bnfold.targets import _int8
 
             pt, pl, pb, pr = _ints(a.padding)
             x_shape = tuple(int(v) for v in x_q.ty.shape.values)
@@ -655,8 +654,6 @@ def rewrite(
                 )  # fmt: skip
                 kernel = None
                 if target is not None:
-                    from bnfold.targets import _int8
-
                     k_shape, k_strides = x_shape, tuple(strides)
                     if subsample:
                         sh, sw = strides
@@ -924,8 +921,6 @@ def layer_inputs(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """onnxruntime's quantized tensors of ``model`` on ``sample`` (optimizations off), and the
     feeds of the cut model (:func:`cut_at_quantized`) that give each layer those inputs."""
-    from bnfold import check
-
     names = list(quantized_tensors(model))
     ran = check.run_onnxruntime(with_quantized_outputs(model), sample)
     values = {k: ran[k] for k in names}

@@ -37,9 +37,10 @@ size: a device whose pool is smaller is measured with fewer threads, with a warn
 default is the device's own default pool, what an artifact compiled without ``--threads`` uses
 there. The choice file records where its times were measured (``measured_on``).
 
-``compile --db DIR`` applies only the chosen records (:func:`chosen_database`, an in-memory
-database of them); every other function keeps bnfold's rules. A folder without a choice file (not
-made by ``bnfold tune``) has all its records applied, with a warning;
+``compile --db DIR`` applies only the chosen records (an in-memory database of them:
+:func:`bnfold.targets._tuning_db.chosen_database`); every other function keeps bnfold's rules. A
+folder without a choice file (not made by ``bnfold tune``) has all its records applied, with a
+warning;
 ``bnfold tune MODEL --trials 0 --db DIR`` makes the choice for an existing folder.
 
 MetaSchedule needs ``psutil``, ``cloudpickle`` and ``xgboost-cpu`` (not declared by apache-tvm);
@@ -56,7 +57,6 @@ import dataclasses
 import functools
 import gc
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -67,16 +67,20 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bnfold import atomic, ir, pipeline
+from bnfold import targets as targets_
+from bnfold.device.deploy import connect, parse_addr, tracker_servers
 from bnfold.errors import BnfoldError
+from bnfold.lower import compiler as lower
+from bnfold.runtime import set_threads
 from bnfold.targets import Target
+from bnfold.targets._schedule import fused_passes, schedule_function
+from bnfold.targets._tuning_db import CHOICE_FILE, CHOICE_FORMAT, read_choice, record_key
 
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("psutil", "cloudpickle", "xgboost")
 BUILD_TIMEOUT_S = 120
-# The decisions of `bnfold tune`, in the database folder.
-CHOICE_FILE = "bnfold_choice.json"
-CHOICE_FORMAT = "bnfold.tune_choice/1"
 # Default trials per tuned function: one evolutionary search round of a useful size.
 TRIALS_PER_TASK = 32
 # A record replaces bnfold's schedule only if it is at least this much faster (relative).
@@ -117,10 +121,6 @@ def fused_module(
     import onnx
     import tvm
 
-    from bnfold import ir, pipeline
-    from bnfold.lower import compiler as lower
-    from bnfold.targets._schedule import fused_passes
-
     folded, _ = pipeline.fold(ir.load(model_path))
     source = onnx.load(str(model_path), load_external_data=False)
     concrete = lower.resolve_shapes(source, shapes)
@@ -155,8 +155,6 @@ class MeasureOn:
 
     def check(self) -> None:
         """Raise :class:`BnfoldError` on an incomplete or bad tracker setting (before any work)."""
-        from bnfold.device.deploy import parse_addr
-
         if self.key and not self.tracker:
             raise BnfoldError("--key needs --tracker HOST:PORT (the tracker to take a device from)")
         if not self.remote:
@@ -228,8 +226,6 @@ def _alloc_arguments(session: Any, device: Any, args_info: Any, alloc_repeat: in
 def _session(where: MeasureOn) -> Iterator[Any]:
     """An RPC session on a device from ``where``'s tracker, ended on leaving the block (a server
     serves one session at a time: a session still open would starve MetaSchedule's runner)."""
-    from bnfold.device.deploy import connect
-
     remote = connect(tracker=where.tracker, key=where.key, session_timeout=where.session_timeout)
     try:
         yield remote
@@ -249,8 +245,6 @@ def _device_threads(where: MeasureOn, threads: int | None) -> int:
     allows (default: its default pool, what an artifact without ``--threads`` gets there).
     Also checks, with one-line errors, that the tracker has a server under the key (a request
     for a key no server registered waits forever) and that the device can be measured."""
-    from bnfold.device.deploy import tracker_servers
-
     servers = tracker_servers(where.tracker or "", where.key or "")
     if not servers:
         raise BnfoldError(f"tracker {where.tracker} has no server registered under key "
@@ -305,14 +299,6 @@ class Function:
         d.pop("shash")
         d.pop("tuned_now")
         return d
-
-
-def record_key(record: Any) -> str:
-    """A stable key of a tuning record: sha256 of its trace (instructions and decisions)."""
-    import hashlib
-
-    trace = record.as_json()[0]
-    return hashlib.sha256(json.dumps(trace, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def plan(
@@ -420,8 +406,6 @@ def _baseline(task: Any, target: Any, threads: int, where: MeasureOn) -> tuple[F
     import tvm_ffi
     from tvm.s_tir.analysis import estimate_tir_flops
 
-    from bnfold.targets._schedule import schedule_function
-
     workload = task.dispatched[0]
     sch, match = schedule_function(workload["main"], target, task.task_name)
     lib = _build(sch.mod if sch is not None else workload, target)
@@ -488,24 +472,6 @@ def decide(rule: str, bnfold_ms: float, tuned_ms: float | None) -> str:
     return "tuned" if tuned_ms < (1 - MARGIN) * bnfold_ms else "bnfold"
 
 
-def read_choice(database: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The choice file of a database folder (None if there is none).
-
-    Raises:
-        BnfoldError: The file exists but is not a choice file.
-    """
-    path = Path(database) / CHOICE_FILE
-    if not path.is_file():
-        return None
-    try:
-        choice = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise BnfoldError(f"{path}: unreadable ({str(e).splitlines()[0]})") from None
-    if not isinstance(choice, dict) or choice.get("format") != CHOICE_FORMAT:
-        raise BnfoldError(f"{path}: not a {CHOICE_FORMAT} file")
-    return choice
-
-
 def _quiet_metaschedule() -> None:
     """MetaSchedule logs every trial to stdout unless its logger has a level: keep its console
     output to warnings (its log files in DIR/logs keep everything) unless bnfold debugs."""
@@ -569,8 +535,6 @@ def _search(
         return
     runner: Any
     if where.remote:
-        from bnfold.device.deploy import parse_addr, tracker_servers
-
         host, port = parse_addr(where.tracker or "")
         # The export (and the session's thread count) run in MetaSchedule's worker processes:
         # module-level functions, which they import by name.
@@ -607,8 +571,6 @@ def _measuring_threads(threads: int) -> Iterator[int]:
     """Measure with ``threads`` threads inside the block: this process's TVM thread pool (which
     keeps that count afterwards, as :func:`bnfold.runtime.load` leaves it) and
     ``TVM_NUM_THREADS``, which MetaSchedule's runner processes inherit (restored afterwards)."""
-    from bnfold.runtime import set_threads
-
     before = os.environ.get("TVM_NUM_THREADS")
     try:
         yield set_threads(threads)
@@ -665,9 +627,6 @@ def tune_model(
         BnfoldError: Not a CPU target, MetaSchedule's packages missing, bad arguments, the
             tracker or its device unusable.
     """
-    from bnfold import atomic
-    from bnfold import targets as targets_
-
     tgt = (targets_.get(target) if isinstance(target, str) else target).resolved()
     if tgt.device != "cpu":
         raise BnfoldError(f"bnfold tune tunes CPU targets only, not {tgt.spec}")
@@ -782,46 +741,3 @@ def table(functions: Sequence[Mapping[str, Any]], measured_on: str | None = None
                  f"records); sum of calls x time: bnfold {bnfold_total:.3f} ms, with the "
                  f"choice {chosen_total:.3f} ms")  # fmt: skip
     return "\n".join(lines)
-
-
-def chosen_database(database: str | os.PathLike[str]) -> Any:
-    """The MetaSchedule database ``compile --db`` applies: an in-memory one holding only the
-    records ``bnfold tune`` chose (``bnfold_choice.json``); every record of the folder when it
-    has no choice file (with a warning)."""
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-
-    choice = read_choice(database)
-    source = ms.database.JSONDatabase(work_dir=str(database))
-    if choice is None:
-        logger.warning("%s has no %s: every record in it replaces bnfold's schedule, even where "
-                       "it is slower (`bnfold tune MODEL --trials 0 --db %s` chooses)", database,
-                       CHOICE_FILE, database)  # fmt: skip
-        return source
-    wanted = {
-        (shash, entry.get("record"))
-        for shash, entry in choice["workloads"].items()
-        if entry.get("chosen") == "tuned" and entry.get("record")
-    }
-    chosen = ms.database.MemoryDatabase()
-    shashes = {s for s, _ in wanted}
-    found: set[tuple[str, str]] = set()
-    for rec in source.get_all_tuning_records():
-        mod = rec.workload.mod
-        shash = str(tvm_ffi.structural_hash(mod))
-        if shash not in shashes:
-            continue
-        key = (shash, record_key(rec))
-        if key not in wanted or key in found:
-            continue
-        found.add(key)
-        workload = chosen.commit_workload(mod)
-        chosen.commit_tuning_record(
-            ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target, rec.args_info)
-        )
-    if len(found) < len(wanted):
-        logger.warning("%s: %d chosen record(s) are missing from the database; those functions "
-                       "keep bnfold's rules", database, len(wanted) - len(found))  # fmt: skip
-    logger.info("%s: applying %d tuned record(s) chosen by bnfold tune; the other functions keep "
-                "bnfold's rules", database, len(found))  # fmt: skip
-    return chosen

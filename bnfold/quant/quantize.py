@@ -35,6 +35,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold import ir as bir
+from bnfold import pipeline
 from bnfold.errors import BnfoldError
 from bnfold.passes._util import Namer, is_onnx_op, label
 from bnfold.passes.bias_correction import (
@@ -375,7 +376,6 @@ def quantize(
         raise BnfoldError(f"bias correction '{bias_correction}' is not one of {BIAS_CORRECTION}")
     if not calib_feeds:
         raise BnfoldError("no calibration samples")
-    from bnfold import pipeline
 
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bnfold import ir as bir
+from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.quant.quantize import QuantReport, Runner
 
@@ -138,8 +140,6 @@ def evaluate(
         raise BnfoldError("no evaluation samples")
     ref_proto = reference
     if not isinstance(reference, onnx.ModelProto):
-        from bnfold import ir as bir
-
         ref_proto = bir.load_proto(reference, check=False, infer_shapes=False)
     outputs = [o.name for o in int8.graph.output]
     tensors = [t for t in report.tensors if t["name"] not in outputs]
@@ -229,8 +229,6 @@ def plot_sqnr(report: QuantReport, acc: Accuracy, path: str | os.PathLike[str]) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from bnfold.atomic import atomic_path
 
     act = [r["sqnr_db"] for r in acc.layers]
     weights = [(r["node"], r["weight_sqnr_db"]) for r in report.layers if "weight_sqnr_db" in r]

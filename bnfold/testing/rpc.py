@@ -46,7 +46,7 @@ def start_server(port: int, tracker: str | None = None, key: str = "") -> subpro
     """A bnfold RPC server subprocess on loopback (``deploy.serve``), ready to accept;
     registered with ``tracker`` (``HOST:PORT``) under ``key`` when given."""
     code = (
-        "import sys; from bnfold import deploy; "
+        "import sys; from bnfold.device import deploy; "
         f"s = deploy.serve('127.0.0.1', {port}, tracker={tracker!r}, key={key!r}); "
         "s.thread.join()"
     )
