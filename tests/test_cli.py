@@ -709,6 +709,23 @@ def test_help_is_fast():
     assert best < 1.0, f"bnfold --help took {best:.2f} s"
 
 
+def test_steps_are_shown_on_a_terminal_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from bnfold.cli.progress import StepDisplay
+
+    shown = StepDisplay(enabled=True)
+    for step, seconds in [("fold", None), ("fold", 0.5), ("build", None)]:
+        shown(step, seconds)
+    shown.close()  # build failed: its line ends before the error message
+    assert capsys.readouterr().err == (
+        "  fold       ...\r  fold          0.5 s\n  build      ... stopped\n"
+    )
+    hidden = StepDisplay()  # stderr is captured here, not a terminal
+    hidden("fold", None)
+    hidden("fold", 0.5)
+    hidden.close()
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_import_is_light():
     code = (
         "import sys, bnfold.cli\n"

@@ -133,10 +133,18 @@ def test_compile_reads_the_model_file_once(
         return data
 
     monkeypatch.setattr(bir, "_read_bytes", read_then_remove)
-    manifest = lower.compile_model(model, "x86", tmp_path / "out", {"x": (1, 3, 16, 16)})
+    events: list[tuple[str, bool]] = []
+    manifest = lower.compile_model(
+        model, "x86", tmp_path / "out", {"x": (1, 3, 16, 16)},
+        progress=lambda step, seconds: events.append((step, seconds is not None)),
+    )  # fmt: skip
     assert reads == [model]
     assert manifest.verification["status"] == "passed"
     assert manifest.source["sha256"] == hashlib.sha256(original).hexdigest()
+    # ... and it said which step it was in, as it went: each one started, then ended.
+    steps = ["fold", "freeze", "import", "build", "export", "verify"]
+    assert events == [(s, done) for s in steps for done in (False, True)]
+    assert set(manifest.compile["steps"]) == set(steps)
 
 
 def test_runtime_load_runs_like_onnxruntime(x86_build: Path, conv_bn: Path) -> None:

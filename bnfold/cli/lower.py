@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from bnfold.cli.progress import StepDisplay
 from bnfold.cli.quant import quant_options
 from bnfold.cli.types import ShapeType, tolerance_options
 from bnfold.errors import BnfoldError, CheckFailed
@@ -161,15 +162,18 @@ def compile_cmd(
             raise BnfoldError(f"{model}: no such model file")
         run_quantize(model, outdir, **quant)
         source = outdir / INT8_MODEL
+    display = StepDisplay()
     try:
         manifest = lower.compile_model(source, target, outdir, dict(shapes), verify,
                                        inputs=inputs, atol=atol, rtol=rtol, random=n_random,
                                        schedule=not no_schedule, threads=threads,
                                        database=database, fold=not int8, integer=integer,
-                                       max_lsb=max_lsb)  # fmt: skip
+                                       max_lsb=max_lsb, progress=display)  # fmt: skip
     except CheckFailed:
         _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
         raise
+    finally:
+        display.close()
     c, tvm_target = manifest.compile, manifest.target["tvm"]
     cpu = tvm_target.get("mcpu") or tvm_target.get("arch")
     click.echo(f"compiled {model} for {manifest.target['spec']} ({cpu}) in {c['seconds']:.1f} s, "
@@ -359,9 +363,14 @@ def tune_cmd(
 
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")
-    summary = tune.tune_model(model, target, database, trials, shapes=dict(shapes),
-                              trials_per_task=trials_per_task, threads=threads, tracker=tracker,
-                              key=key, session_timeout=session_timeout)  # fmt: skip
+    display = StepDisplay()
+    try:
+        summary = tune.tune_model(model, target, database, trials, shapes=dict(shapes),
+                                  trials_per_task=trials_per_task, threads=threads,
+                                  tracker=tracker, key=key, session_timeout=session_timeout,
+                                  progress=display)  # fmt: skip
+    finally:
+        display.close()
     threads_note = f"{summary['threads']} thread{'s' if summary['threads'] != 1 else ''}"
     click.echo(f"tuned {summary['tuned']} of {summary['tasks']} functions of {model} for "
                f"{summary['target']}: {summary['trials']} trials ({summary['trials_per_task']} "

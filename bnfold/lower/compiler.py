@@ -9,12 +9,15 @@
 3. import: ``tvm.relax.frontend.onnx.from_onnx`` with the weights bound as constants;
 4. build: ``tvm.compile`` for the target (CUDA: dlight's default GPU schedules);
 5. export: the target writes its files (``model.so``; CUDA adds ``model.fatbin``);
+   a QDQ model in integer arithmetic also gets ``layerwise/``, the build cut at every quantized
+   tensor (:func:`build_layerwise`);
 6. verify: the artifact against onnxruntime running the ORIGINAL, unfolded model with every
    optimization off, with :func:`bnfold.check.verify`'s metrics and gate; skipped with a
    reason where this machine cannot run the target.
 
 ``manifest.json`` records inputs, outputs, target, versions, hashes, the fold report, the
-compile time and the verification.
+compile time and the verification. Each step is timed by :class:`bnfold.steps.Steps`, which also
+tells the CLI's live display (``progress``) when a step starts and ends.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bnfold import atomic, check, ir, pipeline, runtime
 from bnfold import targets as targets_
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.lower import int8 as lower_int8
+from bnfold.steps import Observer, Steps
 from bnfold.targets import Target, _schedule, host_arch
 from bnfold.targets._schedule import cpu_pipeline
 
@@ -385,6 +389,7 @@ def compile_model(
     integer: bool = True,
     max_lsb: int = 1,
     layerwise: bool = True,
+    progress: Observer | None = None,
 ) -> Manifest:
     """Fold, import, build, export and (by default) verify ``model_path`` for ``target``.
 
@@ -413,13 +418,101 @@ def compile_model(
             (:func:`verify_int8_artifact`).
         layerwise: For a QDQ model in integer arithmetic, also build ``OUTDIR/layerwise``
             (:func:`build_layerwise`), which that verification and ``bnfold deploy`` run.
+        progress: Told when each step starts and ends (:class:`bnfold.steps.Steps`).
 
     Raises:
         BnfoldError: Bad input (model, shapes, target that cannot build here).
         CheckFailed: The artifact failed verification (the manifest is written first).
     """
-    model_path = Path(model_path)
-    out = Path(outdir)
+    model_path, out = Path(model_path), Path(outdir)
+    tgt = _check_request(model_path, target, threads, database)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(progress)
+
+    with steps("fold"):
+        # The one read of the model file: the fold, the manifest's hash and the verification's
+        # reference all come from it (the fold changes the IR, never ``source.proto``).
+        source = ir.read_source(model_path)
+        folded, fold_report = _fold(source, fold)
+        ir.save(folded, out / FOLDED)
+    with steps("freeze"):
+        feeds = _feeds(inputs, source.proto)
+        concrete = resolve_shapes(source.proto, shapes, feeds)
+        frozen = freeze(folded, concrete)
+        plan = _int8_plan(frozen, tgt, integer)
+        frozen, dropped = (
+            lower_int8.drop_implied_activations(frozen) if plan.integer else (frozen, 0)
+        )
+    with steps("import"):
+        mod = import_relax(frozen, concrete)
+        outputs = _outputs(mod, frozen)
+        if plan.integer:
+            mod, records = lower_int8.rewrite(mod, tvm_target(tgt))
+            plan.info = lower_int8.summarize(records, dropped)
+    with steps("build"), _schedule.recording() as matches:
+        executable = build(mod, tgt, schedule, None if database is None else str(database))
+    with steps("export"):
+        exported = tgt.export(executable, out)
+    if plan.integer and layerwise:
+        with steps("layerwise"):
+            build_layerwise(out, source.proto, concrete, tgt)
+            plan.info = {**(plan.info or {}), "layerwise": LAYERWISE}
+
+    manifest = Manifest(
+        outdir=str(out),
+        target=_target_info(tgt),
+        inputs=_input_specs(source.proto, concrete),
+        outputs=outputs,
+        artifact={
+            "files": {role: p.name for role, p in exported.files.items()},
+            "sha256": {p.name: sha256_file(p) for p in exported.files.values()},
+            "meta": exported.meta,
+        },
+        source={"path": str(model_path), "sha256": source.sha256},
+        folded={"file": FOLDED, "sha256": sha256_file(out / FOLDED)},
+        versions=versions(),
+        fold_report=fold_report,
+        compile={
+            "seconds": steps.total(),
+            "schedules": "bnfold cpu" if schedule and tgt.device == "cpu" else "tvm default",
+            "schedule_rules": _schedule.summarize(matches),
+            "tuning_database": None if database is None else str(database),
+            "steps": steps.seconds,
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "shapes": {n: list(s) for n, s in concrete.items()},
+            **({"int8": plan.info} if plan.info is not None else {}),
+        },
+        verification={"status": "not verified", "why": "--no-verify"},
+        runtime={"threads": default_threads(tgt) if threads is None else threads},
+    )
+    logger.info("compiled %s for %s in %.1f s (peak RSS %.0f MB)", model_path.name, tgt.spec,
+                manifest.compile["seconds"], manifest.compile["peak_rss_mb"])  # fmt: skip
+    # The manifest is written before verification too: `bnfold run` needs it, and a failed or
+    # interrupted verification must still leave a usable, honest folder.
+    runnable = tgt.can_run()
+    if verify and not runnable:
+        manifest.verification = {"status": "not verified", "why": runnable.why}
+    atomic.write_json(out / MANIFEST, manifest.to_dict())
+    if verify and runnable:
+        with steps("verify"):
+            manifest.verification = _verify(
+                out, source.proto, feeds, concrete, int8=plan.integer and layerwise,
+                atol=atol, rtol=rtol, max_lsb=max_lsb, random=random,
+            )  # fmt: skip
+        if runnable.why:
+            manifest.verification["how"] = runnable.why
+        atomic.write_json(out / MANIFEST, manifest.to_dict())
+        _gate(manifest, tgt, out, atol=atol, rtol=rtol, max_lsb=max_lsb)
+    return manifest
+
+
+def _check_request(
+    model_path: Path,
+    target: str | Target,
+    threads: int | None,
+    database: str | os.PathLike[str] | None,
+) -> Target:
+    """The resolved target, after the checks that need no work (bad input: BnfoldError)."""
     tgt = (targets_.get(target) if isinstance(target, str) else target).resolved()
     buildable = tgt.can_build()
     if not buildable:
@@ -432,137 +525,97 @@ def compile_model(
         raise BnfoldError(f"threads must be >= 1, got {threads}")
     if database is not None and not (Path(database) / "database_workload.json").is_file():
         raise BnfoldError(f"{database}: not a tuning database (run `bnfold tune --db` first)")
-    out.mkdir(parents=True, exist_ok=True)
-    steps: dict[str, float] = {}
+    return tgt
 
-    def step(name: str, t0: float) -> float:
-        steps[name] = round(time.perf_counter() - t0, 3)
-        logger.info("%-7s %.2f s", name, steps[name])
-        return time.perf_counter()
 
-    t = t_start = time.perf_counter()
-    # The one read of the model file: the fold, the manifest's hash and the verification's
-    # reference all come from it.
-    source = ir.read_source(model_path)
-    loaded = ir.from_proto(source.proto, source=str(model_path))
-    if fold:
-        folded, report = pipeline.fold(loaded)
-        fold_report = report.to_dict()
-    else:
-        folded, fold_report = loaded, {"skipped": "compiled without folding"}
-    folded_path = out / FOLDED
-    ir.save(folded, folded_path)
-    t = step("fold", t)
+def _fold(source: ir.Source, fold: bool) -> tuple[Any, dict[str, Any]]:
+    """The folded IR model and its report (``fold=False``: the model as given)."""
+    loaded = ir.from_proto(source.proto, source=str(source.path))
+    if not fold:
+        return loaded, {"skipped": "compiled without folding"}
+    folded, report = pipeline.fold(loaded)
+    return folded, report.to_dict()
 
-    # The original's input metadata (the fold changed the IR model, never the source proto).
-    source_proto = source.proto
-    feeds = None
-    if inputs is not None:
-        feeds = (
-            dict(inputs) if isinstance(inputs, Mapping) else check.load_inputs(inputs, source_proto)
-        )
-    concrete = resolve_shapes(source_proto, shapes, feeds)
-    frozen = freeze(folded, concrete)
+
+def _feeds(
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None, proto: onnx.ModelProto
+) -> dict[str, np.ndarray] | None:
+    if inputs is None:
+        return None
+    return dict(inputs) if isinstance(inputs, Mapping) else check.load_inputs(inputs, proto)
+
+
+@dataclasses.dataclass
+class _Int8Plan:
+    """How a QDQ model's quantized groups are lowered; ``info`` goes to ``compile.int8``."""
+
+    integer: bool
+    info: dict[str, Any] | None = None
+
+
+def _int8_plan(frozen: onnx.ModelProto, tgt: Target, integer: bool) -> _Int8Plan:
     qdq = lower_int8.is_qdq(frozen)
-    use_integer = qdq and integer and tgt.device == "cpu"
-    int8_info: dict[str, Any] | None = None
-    if qdq and not use_integer:
+    if qdq and integer and tgt.device == "cpu":
+        return _Int8Plan(True)
+    if qdq:
         why = "--no-integer" if not integer else f"integer kernels are CPU-only ({tgt.device})"
-        int8_info = {"integer": False, "why": why}
-    dropped = 0
-    if use_integer:
-        frozen, dropped = lower_int8.drop_implied_activations(frozen)
-    t = step("freeze", t)
+        return _Int8Plan(False, {"integer": False, "why": why})
+    return _Int8Plan(False)
 
-    mod = import_relax(frozen, concrete)
-    output_specs = _tensor_specs(mod["main"].ret_ty)
-    output_names = [o.name for o in frozen.graph.output]
-    if len(output_specs) != len(output_names):
+
+def _outputs(mod: Any, frozen: onnx.ModelProto) -> list[dict[str, Any]]:
+    """Name, shape and dtype of each model output, from TVM's module."""
+    specs = _tensor_specs(mod["main"].ret_ty)
+    names = [o.name for o in frozen.graph.output]
+    if len(specs) != len(names):
         raise BnfoldError(
-            f"TVM's module returns {len(output_specs)} tensors for "
-            f"{len(output_names)} model outputs"
+            f"TVM's module returns {len(specs)} tensors for {len(names)} model outputs"
         )
-    if use_integer:
-        mod, records = lower_int8.rewrite(mod, tvm_target(tgt))
-        int8_info = lower_int8.summarize(records, dropped)
-    t = step("import", t)
+    return [{"name": n, **spec} for n, spec in zip(names, specs, strict=True)]
 
-    with _schedule.recording() as matches:
-        executable = build(mod, tgt, schedule, None if database is None else str(database))
-    t = step("build", t)
 
-    exported = tgt.export(executable, out)
-    t = step("export", t)
-    if use_integer and layerwise:
-        build_layerwise(out, source_proto, concrete, tgt)
-        assert int8_info is not None
-        int8_info["layerwise"] = LAYERWISE
-        t = step("layerwise", t)
-    compile_s = round(time.perf_counter() - t_start, 3)
-    peak_mb = round(_peak_rss_mb(), 1)
-
+def _input_specs(
+    proto: onnx.ModelProto, concrete: Mapping[str, tuple[int, ...]]
+) -> list[dict[str, Any]]:
     dtypes = {vi.name: onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
-              for vi in check.graph_inputs(source_proto)}  # fmt: skip
-    manifest = Manifest(
-        outdir=str(out),
-        target=_target_info(tgt),
-        inputs=[
-            {"name": n, "shape": list(s), "dtype": np.dtype(dtypes[n]).name}
-            for n, s in concrete.items()
-        ],
-        outputs=[{"name": n, **spec} for n, spec in zip(output_names, output_specs, strict=True)],
-        artifact={
-            "files": {role: p.name for role, p in exported.files.items()},
-            "sha256": {p.name: sha256_file(p) for p in exported.files.values()},
-            "meta": exported.meta,
-        },
-        source={"path": str(model_path), "sha256": source.sha256},
-        folded={"file": FOLDED, "sha256": sha256_file(folded_path)},
-        versions=versions(),
-        fold_report=fold_report,
-        compile={
-            "seconds": compile_s,
-            "schedules": "bnfold cpu" if schedule and tgt.device == "cpu" else "tvm default",
-            "schedule_rules": _schedule.summarize(matches),
-            "tuning_database": None if database is None else str(database),
-            "steps": steps,
-            "peak_rss_mb": peak_mb,
-            "shapes": {n: list(s) for n, s in concrete.items()},
-            **({"int8": int8_info} if int8_info is not None else {}),
-        },
-        verification={"status": "not verified", "why": "--no-verify"},
-        runtime={"threads": default_threads(tgt) if threads is None else threads},
-    )
-    logger.info("compiled %s for %s in %.1f s (peak RSS %.0f MB)", model_path.name, tgt.spec,
-                compile_s, peak_mb)  # fmt: skip
-    # The manifest is written before verification too: `bnfold run` needs it, and a failed or
-    # interrupted verification must still leave a usable, honest folder.
-    runnable = tgt.can_run()
-    if verify and not runnable:
-        manifest.verification = {"status": "not verified", "why": runnable.why}
-    atomic.write_json(out / MANIFEST, manifest.to_dict())
-    if verify and runnable:
-        if use_integer and layerwise:
-            manifest.verification = verify_int8_artifact(
-                out, source_proto, feeds, concrete, max_lsb=max_lsb, random=random
-            )
-        else:
-            manifest.verification = verify_artifact(
-                out, source_proto, feeds, concrete, atol=atol, rtol=rtol, random=random
-            )
-        if runnable.why:
-            manifest.verification["how"] = runnable.why
-        atomic.write_json(out / MANIFEST, manifest.to_dict())
-        v = manifest.verification
-        if v["status"] != "passed" and "max_lsb" in v:
-            raise CheckFailed(
-                f"{tgt.spec} int8 artifact differs from onnxruntime by up to {v['max_lsb']} "
-                f"quantization steps in {v['worst']} (gate {max_lsb}); see {out / MANIFEST}"
-            )
-        if v["status"] != "passed":
-            raise CheckFailed(
-                f"{tgt.spec} artifact differs from the unfolded model: worst max_abs/max|ref| "
-                f"= {v['worst_abs_over_max_ref']:.3g} (gate {atol:g} + {rtol:g} x max|ref|); "
-                f"see {out / MANIFEST}"
-            )
-    return manifest
+              for vi in check.graph_inputs(proto)}  # fmt: skip
+    return [
+        {"name": n, "shape": list(s), "dtype": np.dtype(dtypes[n]).name}
+        for n, s in concrete.items()
+    ]
+
+
+def _verify(
+    out: Path,
+    reference: onnx.ModelProto,
+    feeds: Mapping[str, np.ndarray] | None,
+    concrete: Mapping[str, tuple[int, ...]],
+    *,
+    int8: bool,
+    atol: float,
+    rtol: float,
+    max_lsb: int,
+    random: int,
+) -> dict[str, Any]:
+    if int8:
+        return verify_int8_artifact(out, reference, feeds, concrete, max_lsb=max_lsb,
+                                    random=random)  # fmt: skip
+    return verify_artifact(out, reference, feeds, concrete, atol=atol, rtol=rtol, random=random)
+
+
+def _gate(
+    manifest: Manifest, tgt: Target, out: Path, *, atol: float, rtol: float, max_lsb: int
+) -> None:
+    """Raise :class:`CheckFailed` when the verification failed (the manifest says how)."""
+    v = manifest.verification
+    if v["status"] != "passed" and "max_lsb" in v:
+        raise CheckFailed(
+            f"{tgt.spec} int8 artifact differs from onnxruntime by up to {v['max_lsb']} "
+            f"quantization steps in {v['worst']} (gate {max_lsb}); see {out / MANIFEST}"
+        )
+    if v["status"] != "passed":
+        raise CheckFailed(
+            f"{tgt.spec} artifact differs from the unfolded model: worst max_abs/max|ref| "
+            f"= {v['worst_abs_over_max_ref']:.3g} (gate {atol:g} + {rtol:g} x max|ref|); "
+            f"see {out / MANIFEST}"
+        )

@@ -62,7 +62,6 @@ import math
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +72,7 @@ from bnfold.device.deploy import connect, parse_addr, tracker_servers
 from bnfold.errors import BnfoldError
 from bnfold.lower import compiler as lower
 from bnfold.runtime import set_threads
+from bnfold.steps import Observer, Steps
 from bnfold.targets import Target
 from bnfold.targets._schedule import fused_passes, schedule_function
 from bnfold.targets._tuning_db import CHOICE_FILE, CHOICE_FORMAT, read_choice, record_key
@@ -594,6 +594,7 @@ def tune_model(
     tracker: str | None = None,
     key: str | None = None,
     session_timeout: float = SESSION_TIMEOUT_S,
+    progress: Observer | None = None,
 ) -> dict[str, Any]:
     """Tune ``model_path``'s heaviest fused functions into ``database`` and choose, per function,
     between the best record and bnfold's rules (see the module docstring).
@@ -617,6 +618,7 @@ def tune_model(
         key: The device key servers registered with the tracker under.
         session_timeout: Seconds one RPC session may last (one function's timing, one
             MetaSchedule measurement).
+        progress: Told when each step (import, baseline, search, choose) starts and ends.
 
     Returns:
         A summary: tasks, tuned (functions searched now), trials, trials_per_task, threads,
@@ -658,7 +660,7 @@ def tune_model(
                        previous.get("measured_on", LOCAL), where.describe())  # fmt: skip
     from tvm.s_tir import meta_schedule as ms
 
-    start = time.perf_counter()
+    steps = Steps(progress, digits=1)
     # Before any parallel TVM code here: this process's pool, and MetaSchedule's workers. On
     # an RPC device the count is set in each of its sessions instead.
     measuring = (
@@ -666,16 +668,18 @@ def tune_model(
         else _measuring_threads(threads or os.cpu_count() or 1)
     )  # fmt: skip
     with measuring as threads:
-        mod, tvm_tgt = fused_module(model_path, tgt, shapes, num_cores=threads)
-        tasks = [
-            t
-            for t in ms.relax_integration.extract_tasks(mod, tvm_tgt)
-            if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)
-        ]
-        measured = [_baseline(t, tvm_tgt, threads, where) for t in tasks]
+        with steps("import"):
+            mod, tvm_tgt = fused_module(model_path, tgt, shapes, num_cores=threads)
+            tasks = [
+                t
+                for t in ms.relax_integration.extract_tasks(mod, tvm_tgt)
+                if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)
+            ]
+        with steps("baseline"):
+            measured = [_baseline(t, tvm_tgt, threads, where) for t in tasks]
         functions = [fn for fn, _ in measured]
-        logger.info("bnfold's schedules timed for %d functions of %s in %.1f s", len(tasks),
-                    Path(model_path).name, time.perf_counter() - start)  # fmt: skip
+        logger.info("bnfold's schedules timed for %d functions of %s", len(tasks),
+                    Path(model_path).name)  # fmt: skip
 
         selected, per_task = plan(functions, trials, trials_per_task)
         by_name = {t.task_name: t for t in tasks}
@@ -685,15 +689,14 @@ def tune_model(
                         per_task, ", ".join(f.function for f in selected))  # fmt: skip
             for fn in selected:
                 fn.tuned_now = True
-            _search([by_name[f.function] for f in selected], tvm_tgt, work_dir, trials, per_task,
-                    seed, where, threads)  # fmt: skip
+            with steps("search"):
+                _search([by_name[f.function] for f in selected], tvm_tgt, work_dir, trials,
+                        per_task, seed, where, threads)  # fmt: skip
 
-        t_choose = time.perf_counter()
-        db = ms.database.JSONDatabase(work_dir=str(work_dir))
-        for task, (fn, lib) in zip(tasks, measured, strict=True):
-            _choose(fn, task, lib, db, tvm_tgt, where)
-        logger.info("records timed against bnfold's schedules in %.1f s",
-                    time.perf_counter() - t_choose)  # fmt: skip
+        with steps("choose"):
+            db = ms.database.JSONDatabase(work_dir=str(work_dir))
+            for task, (fn, lib) in zip(tasks, measured, strict=True):
+                _choose(fn, task, lib, db, tvm_tgt, where)
 
     workloads = dict(previous["workloads"]) if previous else {}
     workloads.update({fn.shash: fn.to_dict() for fn in functions})
@@ -710,7 +713,7 @@ def tune_model(
         "threads": threads,
         "target": tgt.spec,
         "measured_on": where.describe(),
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": steps.total(),
         "functions": [
             {"shash": fn.shash, "tuned_now": fn.tuned_now, **fn.to_dict()} for fn in functions
         ],
