@@ -28,7 +28,7 @@ class Steps:
         self.observer = observer
         self.digits = digits
         self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
+        self.started = self._last = time.perf_counter()
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -36,7 +36,16 @@ class Steps:
             self.observer(name, None)
         t0 = time.perf_counter()
         yield
-        self.seconds[name] = round(time.perf_counter() - t0, self.digits)
+        self._record(name, t0)
+
+    def lap(self, name: str) -> None:
+        """Record the step ``name`` as everything since the previous step ended (for a long
+        function that is a plain sequence of steps; the observer hears only the end)."""
+        self._record(name, self._last)
+
+    def _record(self, name: str, since: float) -> None:
+        self._last = time.perf_counter()
+        self.seconds[name] = round(self._last - since, self.digits)
         logger.info("step %-16s %8.2f s", name, self.seconds[name])
         if self.observer is not None:
             self.observer(name, self.seconds[name])

@@ -25,7 +25,6 @@ import io
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from bnfold.passes.bias_correction import (
 from bnfold.passes.equalize import BN_STATS_KEY, Equalize
 from bnfold.passes.quantize_int8 import ACTIVATION_TYPES, MIN_OPSET, QuantizeInt8, plan
 from bnfold.quant import calib
+from bnfold.steps import Steps
 
 logger = logging.getLogger(__name__)
 
@@ -377,14 +377,7 @@ def quantize(
     if not calib_feeds:
         raise BnfoldError("no calibration samples")
 
-    t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def step(name: str, since: float) -> float:
-        now = time.perf_counter()
-        seconds[name] = round(now - since, 4)
-        logger.info("step %-16s %8.2f s", name, now - since)
-        return now
+    steps = Steps(digits=4)
 
     work, source = _as_ir(model)
     _name_nodes(work)
@@ -394,7 +387,7 @@ def quantize(
         owner = owners.get(rec.node)
         if owner is not None and not (rec.action == "folded" and rec.direction == "backward"):
             owner.meta.pop(BN_STATS_KEY, None)
-    t = step("fold", t0)
+    steps.lap("fold")
     report = QuantReport(
         source,
         {
@@ -414,7 +407,7 @@ def quantize(
         report.equalization_declined = [
             {"node": r.node, "reason": r.reason} for r in getattr(result, "declined", [])
         ]
-        t = step("equalize", t)
+        steps.lap("equalize")
     twin = bir.to_proto(work)
     report.float_model = twin
     qplan = plan(work, exclude)
@@ -435,7 +428,7 @@ def quantize(
         return tick
 
     ranges = calibrate(twin, feeds, qplan.tensors, method, percentile, ticker("calibrating"))
-    t = step("calibrate", t)
+    steps.lap("calibrate")
     if mode != "none":
         if mode == "empirical":
             names = sorted({n.inputs[0].name for n in corrected_layers(work)})
@@ -453,12 +446,12 @@ def quantize(
             "skipped": {r.node: r.reason for r in result.declined},
             "max_abs_shift": bc.shifts,
         }
-        t = step("bias_correction", t)
+        steps.lap("bias_correction")
     else:
         report.bias_correction = {"mode": "none"}
     qpass = QuantizeInt8(ranges, per_channel, activation_type, exclude)
     qpass(work)
-    t = step("quantize_int8", t)
+    steps.lap("quantize_int8")
     weights = {w.node: w for w in qpass.weights}
     for p in qplan.nodes:
         row: dict[str, Any] = {"node": p.node, "op": p.op, "status": p.status}
@@ -478,7 +471,6 @@ def quantize(
         onnx.checker.check_model(int8)
     except Exception as e:
         raise RuntimeError(f"the int8 model fails onnx.checker: {e}") from e
-    seconds["total"] = round(time.perf_counter() - t0, 4)
-    report.seconds = seconds
+    report.seconds = {**steps.seconds, "total": steps.total()}
     logger.info("quantize: %s", report.counts())
     return int8, report
