@@ -108,6 +108,8 @@ def fold(
                 (report.batchnorms if rec.op == "BatchNormalization" else report.affine_ops).append(
                     rec
                 )
+        if name == "merge_branches":
+            report.merges += [*changed, *declined]
     report.bn_after = _count(model, "BatchNormalization")
     report.nodes_after = _count(model)
     if check:

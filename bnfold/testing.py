@@ -61,3 +61,13 @@ def outputs_close(
         assert err <= atol + rtol * scale, f"{name}: max abs err {err:g} vs max|ref| {scale:g}"
         worst = max(worst, err / scale if scale else 0.0)
     return worst
+
+
+def random_feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Standard-normal data for every (static-shaped) graph input of ``model``."""
+    return {
+        vi.name: rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]).astype(
+            onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        )
+        for vi in model.graph.input
+    }

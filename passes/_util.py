@@ -29,6 +29,7 @@ class Record:
         direction: ``backward`` (into the producer) or ``forward`` (into the consumers).
         into: Labels of the nodes that absorbed it.
         reason: Why it was not folded (declines, and BNs that became Mul+Add).
+        detail: What was merged, for passes that merge several nodes (merge_branches).
     """
 
     node: str
@@ -37,6 +38,7 @@ class Record:
     direction: str | None = None
     into: list[str] = dataclasses.field(default_factory=list)
     reason: str | None = None
+    detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

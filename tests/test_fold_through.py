@@ -10,7 +10,7 @@ import pytest
 
 import bnfold
 from bnfold import ir as bir
-from bnfold.testing import count_ops, outputs_close, parse
+from bnfold.testing import count_ops, outputs_close, parse, random_feeds
 
 RNG = np.random.default_rng(16)
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
@@ -36,13 +36,7 @@ def w(*shape: int) -> np.ndarray:
 def run(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bnfold.report.FoldReport]:
     folded, report = bnfold.fold(model)
     folded = bir.to_proto(folded)
-    feeds = {
-        vi.name: RNG.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]).astype(
-            np.float32
-        )
-        for vi in model.graph.input
-    }
-    outputs_close(model, folded, feeds)
+    outputs_close(model, folded, random_feeds(model, RNG))
     return folded, report
 
 
