@@ -37,7 +37,6 @@ conv takes the place of the branch conv with the largest kernel; graph outputs k
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 
@@ -160,25 +159,26 @@ def _affine_branch(v: ir.Value) -> Branch | None:
 
 
 def _branches(terms: list[ir.Value]) -> tuple[ir.Value | None, list[Branch], list[ir.Value]]:
-    """Pick the tensor most conv branches read; return it, its branches, and the other terms."""
+    """Pick the tensor that most terms are branches of (a conv input); return it, its branches
+    and the other terms."""
     convs = [_conv_branch(t) for t in terms]
-    sources = collections.Counter(b.source for b in convs if b is not None)
-    if not sources:
-        return None, [], terms
-    x = sources.most_common(1)[0][0]
-    branches, others = [], []
-    for t, conv in zip(terms, convs, strict=True):
-        if conv is not None and conv.source is x:
-            branches.append(conv)
-        elif t is x:
-            branches.append(Branch(x, []))
-        else:
-            found = _affine_branch(t)
-            if found is not None and found.source is x:
-                branches.append(found)
+    best: tuple[ir.Value | None, list[Branch], list[ir.Value]] = (None, [], terms)
+    for x in dict.fromkeys(b.source for b in convs if b is not None):
+        branches, others = [], []
+        for t, conv in zip(terms, convs, strict=True):
+            if conv is not None and conv.source is x:
+                branches.append(conv)
+            elif t is x:
+                branches.append(Branch(x, []))
             else:
-                others.append(t)
-    return x, branches, others
+                found = _affine_branch(t)
+                if found is not None and found.source is x:
+                    branches.append(found)
+                else:
+                    others.append(t)
+        if len(branches) > len(best[1]):
+            best = (x, branches, others)
+    return best
 
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
@@ -186,7 +186,7 @@ def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
 
 
 def _geometry(convs: list[ir.Node], spatial: int) -> tuple[list[int], list[int], int]:
-    """Strides, dilations, and each conv's (pad_begin, pad_end) per axis; declines mismatches."""
+    """Strides, dilations and group shared by ``convs``; declines any mismatch or auto_pad SAME."""
     first = convs[0]
     strides = _ints(first, "strides", [1] * spatial)
     dilations = _ints(first, "dilations", [1] * spatial)
@@ -371,4 +371,7 @@ class MergeBranches(ir.passes.InPlacePass):
             )
             result.modified = True
             logger.debug("merged %s (%s) into %s", labels[node], detail, into)
+        # Found last-first; reported in graph order.
+        result.changed.reverse()
+        result.declined.reverse()
         return result

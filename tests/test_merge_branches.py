@@ -4,12 +4,15 @@ merge is kept, with the reason."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 
 import bnfold
 from bnfold import ir as bir
+from bnfold import testing_reparam
 from bnfold.testing import count_ops, outputs_close, parse, random_feeds
 
 RNG = np.random.default_rng(2)
@@ -153,8 +156,8 @@ def test_dilated_and_off_centre_kernels() -> None:
     }}"""
     folded, report = fold(parse(text, **t))
     assert count_ops(folded, "Conv") == 2 and count_ops(folded, "Add") == 0
-    assert [r.detail for r in report.merges] == ["conv 2x2 + conv 3x3 -> 3x3",
-                                                 "conv 3x3 + conv 1x1 -> 3x3"]  # fmt: skip
+    assert [r.detail for r in report.merges] == ["conv 3x3 + conv 1x1 -> 3x3",
+                                                 "conv 2x2 + conv 3x3 -> 3x3"]  # fmt: skip
     assert [o.name for o in folded.graph.output] == ["y", "w"]
 
 
@@ -173,6 +176,21 @@ def test_other_terms_stay_in_the_sum() -> None:
     folded, report = fold(parse(text, **t))
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Add"]
     assert report.merges[0].detail == "conv 3x3 + conv 1x1 + identity -> 3x3"
+
+
+def test_identity_term_that_is_a_conv_output() -> None:
+    """x = Conv(z); x + Conv3x3(x): x is the identity branch (of x), not a branch of z."""
+    t: dict[str, np.ndarray] = {}
+    convs = [branch("x", "z", 4, 4, (1, 1), "", True, t),
+             branch("k3", "x", 4, 4, (3, 3), "pads=[1,1,1,1]", False, t)]  # fmt: skip
+    text = f"""{HEADER}
+    g (float[1,4,6,6] z) => (float[1,4,6,6] y) {{
+        {chr(10).join(convs)}
+        y = Add (x, k3)
+    }}"""
+    folded, report = fold(parse(text, **t))
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Conv"]
+    assert report.merges[0].detail == "identity + conv 3x3 -> 3x3"
 
 
 # body (branches of x summed into s), tensors' (name, shape), words the reason must contain
@@ -224,3 +242,29 @@ def test_declines_with_reason(case: str) -> None:
     assert rec.action == "kept" and reason in rec.reason, rec.reason
     assert count_ops(folded, "Add") == 1 and count_ops(folded, "Conv") == 2
     assert "kept branches" in report.table()
+
+
+# arch -> (BN, Conv) in the export; blocks, each of which must become one Conv.
+TORCH_MODELS = {"repvgg": ((15, 12), 6), "mobileone": ((26, 21), 9)}
+
+
+@pytest.mark.parametrize("arch", TORCH_MODELS)
+def test_torch_exported_reparam_models(arch: str, tmp_path: Path) -> None:
+    """Small RepVGG-A0-like (blocks 1/2/3) and MobileOne-like (k=2; a stem conv and 8 blocks)
+    torch models exported with their BNs: every BN goes and each block becomes one conv."""
+    pytest.importorskip("torch")
+    if arch == "repvgg":
+        model = testing_reparam.repvgg((8, 16, 32), (1, 2, 3), classes=10)
+    else:
+        model = testing_reparam.mobileone((8, 16), k=2, classes=10)
+    path = tmp_path / f"{arch}.onnx"
+    testing_reparam.export(model, path, (1, 3, 32, 32))
+    original = onnx.load(path)
+    folded, report = bnfold.fold(path)
+    folded = bir.to_proto(folded)
+    (bns, convs), blocks = TORCH_MODELS[arch]
+    assert (count_ops(original, "BatchNormalization"), count_ops(original, "Conv")) == (bns, convs)
+    after = {op: count_ops(folded, op) for op in ("BatchNormalization", "Conv", "Add")}
+    assert after == {"BatchNormalization": 0, "Conv": blocks, "Add": 0}
+    assert all(r.action == "merged" for r in report.merges)
+    outputs_close(original, folded, random_feeds(original, RNG))
