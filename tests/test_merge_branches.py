@@ -244,6 +244,34 @@ def test_declines_with_reason(case: str) -> None:
     assert "kept branches" in report.table()
 
 
+def w16(shape: tuple[int, ...]) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float16)
+
+
+def test_float16_block_and_overflow_declined() -> None:
+    """float16 branches merge within the float16 range; two float32 kernels whose sum would come
+    within 2**16 of the float32 maximum are declined (fold_bn's overflow bar), the sum kept."""
+    text = f"""{HEADER}
+    g (float16[1,4,6,6] x, float[1,4,6,6] z) => (float16[1,4,6,6] y, float[1,4,6,6] w) {{
+        a = Conv <pads=[1,1,1,1]> (x, Wa, Ba)
+        b = Conv (x, Wb)
+        y = Add (a, b)
+        c = Conv (z, Wc)
+        d = Conv (z, Wd)
+        w = Add (c, d)
+    }}"""
+    big = np.full((4, 4, 1, 1), 3e38 * 2.0**-16, np.float32)
+    model = parse(text, Wa=w16((4, 4, 3, 3)), Ba=w16((4,)), Wb=w16((4, 4, 1, 1)), Wc=big, Wd=big)
+    folded, report = bnfold.fold(model)
+    folded = bir.to_proto(folded)
+    assert [(r.action, r.into) for r in report.merges] == [("merged", ["Conv:a"]), ("kept", [])]
+    assert "within 2**16 of the float32 maximum" in report.merges[1].reason
+    assert count_ops(folded, "Conv") == 3 and count_ops(folded, "Add") == 1
+    small = {"x": RNG.standard_normal((1, 4, 6, 6)).astype(np.float16),
+             "z": RNG.standard_normal((1, 4, 6, 6)).astype(np.float32) * 1e-38}  # fmt: skip
+    outputs_close(model, folded, small, rtol=4e-3, atol=1e-3)
+
+
 # arch -> (BN, Conv) in the export; blocks, each of which must become one Conv.
 TORCH_MODELS = {"repvgg": ((15, 12), 6), "mobileone": ((26, 21), 9)}
 
