@@ -27,6 +27,16 @@ convolution whose kernel is the sum of the branches' kernels, once they are laid
   index ``m mod C/g``, for any group count) and stride 1.
 - Weights and biases are summed in float64 and cast back with fold_bn's overflow checks.
 
+**Sequences** ``Conv1x1(x) -> ConvKxK`` (nothing in between) are merged first, so that such a
+branch (Diverse Branch Block's 1x1-KxK) joins the sum as one KxK conv::
+
+    W[o, c, k] = sum_m W2[o, m, k] W1[m, c],    b[o] = b2[o] + sum_{m, k} W2[o, m, k] b1[m]
+
+exact when the 1x1 has stride 1, no padding and group 1, the KxK has group 1, and the KxK pads
+nothing or the 1x1 adds no bias (the KxK pads the 1x1's output with zeros, where a merged conv
+would see ``b1``). Declined also when the merged conv costs more multiply-adds than the two
+(``O C K > M C + O M K``: a 1x1 that narrows the channels is cheaper kept).
+
 Preconditions (each one that fails is a decline with its reason): at least two branches of one
 tensor ``x``, one of them a Conv with constant weight (and bias); every branch's output (and every
 inner Add's) feeds only the sum; equal strides, dilations, groups, kernel rank and channel
@@ -328,8 +338,59 @@ def _rewrite(
             graph.remove(node, safe=True)
 
 
+def _sequence(second: ir.Node) -> tuple[Branch, Branch] | None:
+    """``second`` as the KxK of a Conv1x1 -> ConvKxK pair, or None when it is not one."""
+    x = second.inputs[0] if second.inputs else None
+    first = x.producer() if x is not None else None
+    if first is None or not is_onnx_op(first, "Conv"):
+        return None
+    b1, b2 = _conv_branch(x), _conv_branch(second.outputs[0])
+    if b1 is None or b2 is None or b1.weight.ndim != b2.weight.ndim:
+        return None
+    if any(d != 1 for d in b1.weight.shape[2:]):
+        return None
+    return b1, b2
+
+
+def plan_sequence(b1: Branch, b2: Branch) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check a Conv1x1 -> ConvKxK pair (module docstring) and compute the merged weight/bias."""
+    first, second = b1.conv, b2.conv
+    spatial = b1.weight.ndim - 2
+    if not single_use(first.outputs[0]):
+        raise Declined(f"{label(first)} output has other consumers")
+    if first.attributes.get_int("group", 1) != 1 or second.attributes.get_int("group", 1) != 1:
+        raise Declined("a grouped conv in the sequence")
+    if any(v != 1 for v in _ints(first, "strides", [1] * spatial)) or any(_pads(first, spatial)):
+        raise Declined(f"the 1x1 conv {label(first)} strides or pads")
+    if first.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise Declined(f"the 1x1 conv {label(first)} uses auto_pad SAME")
+    pads_second = second.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+    if b1.bias is not None and np.any(b1.bias) and (pads_second or any(_pads(second, spatial))):
+        raise Declined("padding: the KxK conv pads the 1x1 conv's output and the 1x1 has a bias")
+    m, c = b1.weight.shape[:2]
+    o, k = b2.weight.shape[0], int(np.prod(b2.weight.shape[2:]))
+    if o * c * k > m * c + o * m * k:
+        raise Declined(
+            f"the merged conv would cost {o * c * k} MACs per pixel, the two {m * c + o * m * k}"
+        )
+    if b2.weight.shape[1] != m or np_dtype(second.outputs[0].dtype) is None:
+        raise Declined("channel counts or dtype do not fit")
+    w1 = b1.weight.reshape(m, c)
+    weight = np.einsum("om...,mc->oc...", b2.weight, w1)
+    bias = b2.bias
+    if b1.bias is not None:
+        shift = b2.weight.sum(axis=tuple(range(2, b2.weight.ndim))) @ b1.bias
+        bias = shift if bias is None else bias + shift
+    dt = second.outputs[0]
+    return (
+        cast_checked_folded(weight, dt, "merged weight"),
+        None if bias is None else cast_checked_folded(bias, dt, "merged bias"),
+    )
+
+
 class MergeBranches(ir.passes.InPlacePass):
-    """Merge an Add of parallel convs (and identity branches) of one tensor into one Conv.
+    """Merge an Add of parallel convs (and identity branches) of one tensor into one Conv, and
+    Conv1x1 -> ConvKxK sequences into one ConvKxK.
 
     Every merged sum is in the result's ``changed`` (``merged``, ``into`` the conv that holds
     it, ``detail`` the branches); a sum of two or more branches of one tensor that cannot merge
@@ -341,6 +402,32 @@ class MergeBranches(ir.passes.InPlacePass):
         namer = Namer(graph)
         result = BnfoldPassResult(model, False)
         labels = {n: label(n) for n in graph}
+        for node in list(graph):
+            pair = _sequence(node) if is_onnx_op(node, "Conv") else None
+            if pair is None:
+                continue
+            b1, b2 = pair
+            detail = f"{b1.describe()} -> {b2.describe()}"
+            try:
+                weight, bias = plan_sequence(b1, b2)
+            except Declined as e:
+                result.declined.append(
+                    Record(labels[node], "Conv", "kept", reason=str(e), detail=detail)
+                )
+                continue
+            name = label(node)
+            set_constant_input(graph, namer, node, 1, weight, f"{name}_W")
+            if bias is not None:
+                set_constant_input(graph, namer, node, 2, bias, f"{name}_B")
+            node.replace_input_with(0, b1.source)
+            graph.remove(b1.conv, safe=True)
+            kernel = "x".join(map(str, weight.shape[2:]))
+            result.changed.append(
+                Record(labels[node], "Conv", "merged", into=[labels[node]],
+                       detail=f"{detail} -> {kernel}")
+            )  # fmt: skip
+            result.modified = True
+        sequences = len(result.changed), len(result.declined)
         # Last Add first: the root of a sum tree takes its inner Adds with it.
         for node in reversed(list(graph)):
             if node.graph is None or not is_onnx_op(node, "Add") or len(node.inputs) != 2:
@@ -371,7 +458,7 @@ class MergeBranches(ir.passes.InPlacePass):
             )
             result.modified = True
             logger.debug("merged %s (%s) into %s", labels[node], detail, into)
-        # Found last-first; reported in graph order.
-        result.changed.reverse()
-        result.declined.reverse()
+        # Sums were found last-first; reported in graph order, after the sequences.
+        for records, n in zip((result.changed, result.declined), sequences, strict=True):
+            records[n:] = records[n:][::-1]
         return result

@@ -30,8 +30,9 @@ def bn(x: str, y: str, prefix: str) -> str:
 
 
 def branch(name: str, x: str, c: int, cin_g: int, kernel: tuple[int, int], attrs: str,
-           bias: bool, tensors: dict[str, np.ndarray]) -> str:  # fmt: skip
-    """``Conv(x) -> BN`` lines producing ``name``; adds its weights to ``tensors``."""
+           bias: bool, tensors: dict[str, np.ndarray], with_bn: bool = True) -> str:  # fmt: skip
+    """``Conv(x) -> BN`` lines producing ``name`` (just the Conv if not ``with_bn``); adds its
+    weights to ``tensors``."""
     tensors[f"W_{name}"] = RNG.standard_normal((c, cin_g, *kernel)).astype(np.float32)
     b_in = ""
     if bias:
@@ -39,6 +40,8 @@ def branch(name: str, x: str, c: int, cin_g: int, kernel: tuple[int, int], attrs
         b_in = f", B_{name}"
     tensors.update(stats(c, f"bn_{name}"))
     a = f" <{attrs}>" if attrs else ""
+    if not with_bn:
+        return f"{name} = Conv{a} ({x}, W_{name}{b_in})"
     conv = f"c_{name} = Conv{a} ({x}, W_{name}{b_in})"
     return f"{conv}\n        {bn(f'c_{name}', name, f'bn_{name}')}"
 
@@ -242,6 +245,58 @@ def test_declines_with_reason(case: str) -> None:
     assert rec.action == "kept" and reason in rec.reason, rec.reason
     assert count_ops(folded, "Add") == 1 and count_ops(folded, "Conv") == 2
     assert "kept branches" in report.table()
+
+
+# 1x1 attrs, 1x1 bias, KxK attrs, (C, M, O), expected: merged, or words of the decline reason
+SEQUENCES = {
+    "bias, unpadded 3x3": ("", True, "strides=[2,2]", (4, 6, 5), None),
+    "no bias, padded 3x3": ("", False, "pads=[1,1,1,1]", (4, 6, 5), None),
+    "bias, padded 3x3": ("", True, "pads=[1,1,1,1]", (4, 6, 5), "padding"),
+    "narrowing 1x1": ("", False, "", (16, 2, 16), "would cost"),
+    "strided 1x1": ("strides=[2,2]", False, "", (4, 6, 5), "strides or pads"),
+    "grouped 3x3": ("", False, "group=2", (4, 6, 4), "grouped"),
+}
+
+
+@pytest.mark.parametrize("case", SEQUENCES)
+def test_conv1x1_then_kxk(case: str) -> None:
+    a1, bias, a2, (c, m, o), reason = SEQUENCES[case]
+    t: dict[str, np.ndarray] = {}
+    group = 2 if "group" in a2 else 1
+    text = f"""{HEADER}
+    g (float[1,{c},8,8] x) => (float[1,{o},?,?] y) {{
+        {branch("p", "x", m, c, (1, 1), a1, bias, t, with_bn=False)}
+        {branch("y", "p", o, m // group, (3, 3), a2, True, t)}
+    }}"""
+    folded, report = fold(parse(text, **t))
+    (rec,) = report.merges
+    if reason is None:
+        assert rec.action == "merged" and rec.detail == "conv 1x1 -> conv 3x3 -> 3x3"
+        assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    else:
+        assert rec.action == "kept" and reason in rec.reason, rec.reason
+        assert count_ops(folded, "Conv") == 2
+
+
+def test_diverse_branch_block_1x1_3x3_branch_joins_the_sum() -> None:
+    """DBB-like: 3x3 + 1x1 + (1x1 without bias -> 3x3) + x: the sequence merges first, then
+    the sum; one conv is left."""
+    t: dict[str, np.ndarray] = {}
+    lines = [branch("k3", "x", 4, 4, (3, 3), "pads=[1,1,1,1]", True, t),
+             branch("k1", "x", 4, 4, (1, 1), "", True, t),
+             branch("p", "x", 4, 4, (1, 1), "", False, t, with_bn=False),
+             branch("pk", "p", 4, 4, (3, 3), "pads=[1,1,1,1]", True, t)]  # fmt: skip
+    text = f"""{HEADER}
+    g (float[1,4,7,7] x) => (float[1,4,7,7] y) {{
+        {chr(10).join(lines)}
+        {block(["k3", "k1", "pk"], "plain")}
+    }}"""
+    folded, report = fold(parse(text, **t))
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]
+    assert [r.detail for r in report.merges] == [
+        "conv 1x1 -> conv 3x3 -> 3x3",
+        "conv 3x3 + conv 1x1 + conv 3x3 + identity -> 3x3",
+    ]
 
 
 def w16(shape: tuple[int, ...]) -> np.ndarray:
