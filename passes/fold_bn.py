@@ -57,9 +57,12 @@ from bnfold.passes._util import (
     const_array,
     is_onnx_op,
     label,
+    note_changed,
+    note_replaced,
     np_dtype,
     set_constant_input,
     single_use,
+    tensor_map,
 )
 
 logger = logging.getLogger(__name__)
@@ -401,6 +404,11 @@ def _fold_backward(
 ) -> list[str]:
     """Fold each (slice of) ``aff`` into its site, all or none; return the absorbing labels."""
     plans = [_plan_backward(graph, namer, sub, site) for sub, site in pairs]
+    for _, site in pairs:
+        # Scaled weights: their outputs no longer compute the original tensors (the one that
+        # replaces the map's output is noted again below).
+        for value in {site.node.outputs[0], site.out}:
+            note_changed(graph, value.name)
     finals = [apply() for _, apply in plans]
     # Through a Concat/MaxPool/Resize that op stays and carries the result; directly, the
     # site's output (or a new bias Add after a MatMul) does.
@@ -428,28 +436,34 @@ def _append_add(
     users = [(u.node, u.idx) for u in out.uses() if u.node is not add]
     for user, idx in users:
         user.replace_input_with(idx, result)
+    # The sum computes what ``out`` did; ``out`` itself lost the bias.
+    note_replaced(graph, out.name, result.name)
+    note_changed(graph, out.name)
     if out.is_graph_output():
         name = out.name
         graph.outputs[list(graph.outputs).index(out)] = result
         out.name = f"{name}.bnfold_replaced"
+        tensor_map(graph).pop(result.name, None)
         result.name = name
     return add
 
 
-def _replace_value(old: ir.Value, new: ir.Value) -> None:
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """Send every user of ``old`` to ``new``; if ``old`` is a graph output, ``new`` takes its
-    place and its name (graph outputs keep their names)."""
+    place and its name (graph outputs keep their names). Noted in the tensor map."""
     name = old.name
     was_output = old.is_graph_output()
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     if was_output:
         old.name = f"{name}.bnfold_replaced"
+        tensor_map(graph).pop(new.name, None)
         new.name = name
+    note_replaced(graph, name, new.name)
 
 
 def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
     """Remove single-output ``node``, sending its users to ``replacement`` (output names kept)."""
-    _replace_value(node.outputs[0], replacement)
+    _replace_value(graph, node.outputs[0], replacement)
     graph.remove(node, safe=True)
 
 

@@ -61,6 +61,7 @@ from bnfold.passes._util import (
     const_array,
     is_onnx_op,
     label,
+    note_changed,
     np_dtype,
     set_constant_input,
     single_use,
@@ -319,6 +320,7 @@ def _rewrite(
     main.attributes.pop("auto_pad", None)
     dead = {n for b in branches for n in b.nodes if n is not main} | set(adds)
     acc = main.outputs[0]
+    note_changed(graph, acc.name)  # until it replaces the sum below
     for other in others[:-1]:
         out = ir.Value(name=namer(f"{name}_sum"), shape=root.outputs[0].shape,
                        type=root.outputs[0].type)  # fmt: skip
@@ -332,7 +334,7 @@ def _rewrite(
         root.replace_input_with(0, acc)
         root.replace_input_with(1, others[-1])
     else:
-        replace_value(root.outputs[0], acc)
+        replace_value(graph, root.outputs[0], acc)
     for node in reversed(list(graph)):
         if node in dead:
             graph.remove(node, safe=True)

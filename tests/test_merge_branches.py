@@ -13,16 +13,14 @@ import pytest
 import bnfold
 from bnfold import ir as bir
 from bnfold import testing_reparam
-from bnfold.testing import count_ops, outputs_close, parse, random_feeds
+from bnfold.testing import bn_stats, count_ops, outputs_close, parse, random_feeds
 
 RNG = np.random.default_rng(2)
 HEADER = '<ir_version: 8, opset_import: ["" : 13]>'
 
 
 def stats(c: int, prefix: str) -> dict[str, np.ndarray]:
-    arrays = (RNG.uniform(0.5, 1.5, c), RNG.normal(0, 0.5, c), RNG.normal(0, 0.5, c),
-              RNG.uniform(0.2, 2.0, c))  # fmt: skip
-    return {f"{prefix}_{k}": a.astype(np.float32) for k, a in zip("sbmv", arrays, strict=True)}
+    return bn_stats(RNG, c, prefix)
 
 
 def bn(x: str, y: str, prefix: str) -> str:
