@@ -66,10 +66,10 @@ from bnfold.passes._util import (
     set_constant_input,
     single_use,
 )
-from bnfold.passes.fold_bn import Affine, affine_of
 
-# fold_bn's checked cast (overflow, float16 range, headroom): merged weights meet the same bar
-# as folded ones; and its replace that keeps graph output names.
+# fold_bn's per-channel maps, weight shape checks, checked cast (overflow, float16 range,
+# headroom: merged weights meet the same bar as folded ones) and output-name-keeping replace.
+from bnfold.passes.fold_bn import Affine, _check_shapes, affine_of
 from bnfold.passes.fold_bn import _cast as cast_checked_folded
 from bnfold.passes.fold_bn import _replace_value as replace_value
 
@@ -130,6 +130,10 @@ def _conv_branch(v: ir.Value) -> Branch | None:
     b = const_array(b_value)
     if w is None or (b_value is not None and b is None) or p.inputs[0] is None:
         return None
+    try:
+        _check_shapes(p, w, b)
+    except Declined:
+        return None  # a weight the op cannot have: onnxruntime refuses the model anyway
     return Branch(
         p.inputs[0],
         [p],
@@ -203,6 +207,9 @@ def _geometry(convs: list[ir.Node], spatial: int) -> tuple[list[int], list[int],
     dilations = _ints(first, "dilations", [1] * spatial)
     group = first.attributes.get_int("group", 1)
     for c in convs:
+        pads = _pads(c, spatial)
+        if len(pads) != 2 * spatial or any(p < 0 for p in pads):
+            raise Declined(f"{label(c)} pads {pads} do not fit {spatial} spatial axes")
         if c.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise Declined(f"{label(c)} uses auto_pad SAME (pads depend on the input size)")
         if _ints(c, "strides", [1] * spatial) != strides:
@@ -211,6 +218,8 @@ def _geometry(convs: list[ir.Node], spatial: int) -> tuple[list[int], list[int],
             raise Declined(f"dilations differ ({label(c)})")
         if c.attributes.get_int("group", 1) != group:
             raise Declined(f"groups differ ({label(c)})")
+    if len(strides) != spatial or len(dilations) != spatial or min(strides + dilations) < 1:
+        raise Declined(f"strides {strides} / dilations {dilations} do not fit the kernel")
     return strides, dilations, group
 
 
