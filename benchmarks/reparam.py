@@ -1,8 +1,9 @@
-"""Latency of a RepVGG-A0-like model before and after merge_branches, against onnxruntime.
+"""Latency of re-parameterizable models before and after merge_branches, against onnxruntime.
 
 The model (bnfold/testing_reparam.py: RepVGG-A0 widths 48/96/192/384/1280 and depths
-1/2/4/14/1 by default, random BN statistics, batch 1) is exported by torch with its BNs, then
-compiled twice for ``x86`` (this machine's CPU):
+1/2/4/14/1 by default, random BN statistics, batch 1; ``--arch mobileone``: the MobileOne-like
+model, widths 64/128/256/512, k=3) is exported by torch with its BNs, then compiled twice for
+``x86`` (this machine's CPU):
 
 - ``compiled_unmerged``: the fold pipeline without merge_branches (every branch conv folded with
   its BN, identity BNs as Mul+Add, three convs and two Adds per block), compiled as given;
@@ -12,8 +13,8 @@ Timed in their own processes, alternating blocks, never two at once
 (:func:`bnfold.bench.measure`), with ``ort`` (onnxruntime ORT_ENABLE_ALL on the export) and
 ``ort_merged`` (onnxruntime ORT_ENABLE_ALL on the merged model). Printed: node counts and medians.
 
-    python -m benchmarks.reparam [--size 224] [--threads 1] [--rounds 10] [--block 5]
-        [--small] [--json benchmarks/results/reparam.json]
+    python -m benchmarks.reparam [--arch repvgg|mobileone] [--size 224] [--threads 1]
+        [--rounds 10] [--block 5] [--small] [--json benchmarks/results/reparam.json]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _ops(path: Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", choices=("repvgg", "mobileone"), default="repvgg")
     ap.add_argument("--size", type=int, default=224, help="input height and width")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=10)
@@ -55,20 +57,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    arch = ((16, 32, 64), (1, 2, 4)) if args.small else ((48, 96, 192, 384, 1280), (1, 2, 4, 14, 1))
-    model = testing_reparam.repvgg(*arch)
+    if args.arch == "repvgg":
+        arch: Any = ((16, 32, 64), (1, 2, 4)) if args.small else ((48, 96, 192, 384, 1280),
+                                                                  (1, 2, 4, 14, 1))  # fmt: skip
+        model = testing_reparam.repvgg(*arch)
+    else:
+        arch = ((16, 32), 2) if args.small else ((64, 128, 256, 512), 3)
+        model = testing_reparam.mobileone(*arch)
     results: dict[str, Any] = {
         "cpu": cpu_name(), "machine": platform.machine(), "cores": os.cpu_count(),
-        "model": {"widths": arch[0], "depths": arch[1], "input": [1, 3, args.size, args.size]},
+        "model": {"arch": args.arch, "config": arch, "input": [1, 3, args.size, args.size]},
         "threads": args.threads,
         "method": f"separate processes, alternating blocks of {args.block} runs x {args.rounds} "
                   "rounds; medians",
     }  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bnfold-reparam-") as tmp:
         work = Path(tmp)
-        original = work / "repvgg.onnx"
+        original = work / f"{args.arch}.onnx"
         testing_reparam.export(model, original, (1, 3, args.size, args.size))
-        unmerged = work / "repvgg.unmerged.onnx"
+        unmerged = work / f"{args.arch}.unmerged.onnx"
         folded, _ = bnfold.fold(original, steps=UNMERGED)
         bir.save(folded, unmerged)
         dirs = {"unmerged": work / "unmerged", "merged": work / "merged"}
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     results["samples"] = {k: len(v) for k, v in times.items()}
     results["ratio_to_ort"] = {k: v / med["ort"] for k, v in med.items()}
     print(f"{results['cpu']}, {args.threads} thread(s), {results['method']}")
-    print(f"RepVGG-like {arch}, input {results['model']['input']}")
+    print(f"{args.arch}-like {arch}, input {results['model']['input']}")
     for k, v in results["ops"].items():
         print(f"  {k:<9} " + ", ".join(f"{op} {n}" for op, n in v.items()))
     for k, v in med.items():
