@@ -213,6 +213,7 @@ class VerifyResult:
     samples: int = 1
     reference: str = ""
     candidate: str = ""
+    layers: Any = None  # bnfold.per_layer.PerLayer with --per-layer (diagnostic, not the gate)
 
     @property
     def passed(self) -> bool:
@@ -231,6 +232,7 @@ class VerifyResult:
                 if isinstance(v, float) and not np.isfinite(v):
                     o[k] = None
         d["passed"] = self.passed
+        d["layers"] = self.layers.to_dict() if self.layers is not None else None
         return d
 
     def table(self) -> str:
@@ -252,6 +254,8 @@ class VerifyResult:
             f"{self.atol:g} + {self.rtol:g} x max|ref|; worst max_abs/max|ref| = "
             f"{self.worst_ratio:.3g}"
         )
+        if self.layers is not None:
+            lines += ["", self.layers.table()]
         return "\n".join(lines)
 
 
@@ -338,6 +342,7 @@ def verify(
     rtol: float = 1e-5,
     seed: int = 0,
     max_size_bytes: int | None = None,
+    per_layer: bool = False,
 ) -> VerifyResult:
     """Run ``reference`` (onnxruntime, optimizations off) and ``candidate`` and compare.
 
@@ -352,6 +357,8 @@ def verify(
         rtol: Tolerance relative to max|reference| of the gate.
         seed: Seed of the random inputs.
         max_size_bytes: Refuse a model file (with its external data) larger than this.
+        per_layer: Also compare every intermediate tensor the two models share
+            (:mod:`bnfold.per_layer`; ``result.layers``). The candidate must be a model.
     """
     ref_proto = _proto(reference, max_size_bytes)
     if inputs is None:
@@ -381,5 +388,12 @@ def verify(
     )
     result.reference = str(reference) if isinstance(reference, (str, os.PathLike)) else ""
     result.candidate = str(candidate) if isinstance(candidate, (str, os.PathLike)) else ""
+    if per_layer:
+        from bnfold import per_layer as layerwise
+
+        if callable(candidate) and not isinstance(candidate, (onnx.ModelProto, bytes)):
+            raise BnfoldError("--per-layer compares two ONNX models, not a compiled artifact")
+        cand_proto = _proto(candidate, max_size_bytes)
+        result.layers = layerwise.compare(ref_proto, cand_proto, feed_sets, atol, rtol)
     logger.info("verify: %s", "PASS" if result.passed else "FAIL")
     return result

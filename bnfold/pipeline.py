@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ import onnx_ir as ir
 from bnfold import ir as bir
 from bnfold.errors import BnfoldError
 from bnfold.passes import FP32, PASSES
-from bnfold.passes._util import BnfoldPassResult, is_onnx_op
+from bnfold.passes._util import TENSOR_MAP, BnfoldPassResult, is_onnx_op
 from bnfold.report import FoldReport, PassStat
 
 logger = logging.getLogger(__name__)
@@ -108,6 +109,12 @@ def fold(
                 (report.batchnorms if rec.op == "BatchNormalization" else report.affine_ops).append(
                     rec
                 )
+        if name == "merge_branches":
+            report.merges += [*changed, *declined]
+    tmap = {k: v for k, v in model.graph.meta.get(TENSOR_MAP, {}).items() if k != v}
+    if tmap:
+        # Saved with the model: `bnfold verify --per-layer` pairs the tensors by it.
+        model.metadata_props[TENSOR_MAP] = json.dumps(tmap, sort_keys=True)
     report.bn_after = _count(model, "BatchNormalization")
     report.nodes_after = _count(model)
     if check:

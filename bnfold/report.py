@@ -29,7 +29,8 @@ class FoldReport:
     ``batchnorms`` holds exactly one record per BN of the input: ``folded`` (``direction``
     backward/forward, ``into`` the absorbing nodes), ``affine`` (rewritten as Mul+Add; ``reason``
     says why it could not fold) or ``kept`` (``reason`` says why). ``affine_ops`` lists the
-    constant Mul/Add/Sub/Div that folded too.
+    constant Mul/Add/Sub/Div that folded too. ``merges`` has one record per sum of parallel
+    branches: ``merged`` (``into`` the conv, ``detail`` the branches) or ``kept`` (``reason``).
     """
 
     source: str
@@ -39,6 +40,7 @@ class FoldReport:
     nodes_after: int = 0
     batchnorms: list[Record] = dataclasses.field(default_factory=list)
     affine_ops: list[Record] = dataclasses.field(default_factory=list)
+    merges: list[Record] = dataclasses.field(default_factory=list)
     passes: list[PassStat] = dataclasses.field(default_factory=list)
     pass_ms: float = 0.0
     total_ms: float = 0.0
@@ -62,10 +64,16 @@ class FoldReport:
         return (
             f"BN: {self.bn_before} -> {self.bn_after}  (folded backward {c['folded_backward']}, "
             f"forward {c['folded_forward']}, as Mul+Add {c['affine']}, kept {c['kept']}); "
-            f"constant Mul/Add folded: {len(self.affine_ops)}\n"
+            f"constant Mul/Add folded: {len(self.affine_ops)}" + self._merge_summary() + "\n"
             f"nodes: {self.nodes_before} -> {self.nodes_after}; pass time {self.pass_ms:.1f} ms, "
             f"total {self.total_ms:.1f} ms"
         )
+
+    def _merge_summary(self) -> str:
+        if not self.merges:
+            return ""
+        merged = sum(1 for r in self.merges if r.action == "merged")
+        return f"; branch sums merged: {merged}, kept: {len(self.merges) - merged}"
 
     def table(self) -> str:
         """A plain-text table of every BN, then totals (what the CLI prints)."""
@@ -75,6 +83,10 @@ class FoldReport:
                 rows.append((r.node, f"folded {r.direction}", ", ".join(r.into)))
             else:
                 rows.append((r.node, r.action, r.reason or ""))
+        for r in self.merges:
+            # Parallel-branch sums (merge_branches) below the BNs, in the same three columns.
+            into = f"{r.detail} into {', '.join(r.into)}" if r.into else f"{r.detail}: {r.reason}"
+            rows.append((r.node, f"{r.action} branches", into))
         w0 = min(max(len(r[0]) for r in rows), 48)
         w1 = max(len(r[1]) for r in rows)
 

@@ -10,6 +10,7 @@ from bnfold.passes.bias_correction import BiasCorrection
 from bnfold.passes.equalize import Equalize
 from bnfold.passes.fold_bn import FoldBn
 from bnfold.passes.lift_constants import LiftConstants
+from bnfold.passes.merge_branches import MergeBranches
 from bnfold.passes.quantize_int8 import QuantizeInt8
 from bnfold.passes.remove_identity import RemoveIdentity
 from bnfold.passes.remove_unused import RemoveUnused
@@ -18,6 +19,7 @@ PASSES = {
     "lift_constants": LiftConstants,
     "remove_identity": RemoveIdentity,
     "fold_bn": FoldBn,
+    "merge_branches": MergeBranches,
     "remove_unused": RemoveUnused,
     "equalize": Equalize,
     "bias_correction": BiasCorrection,
@@ -25,7 +27,7 @@ PASSES = {
 }
 
 # The default fp32 pipeline, in order.
-FP32 = ("lift_constants", "remove_identity", "fold_bn", "remove_unused")
+FP32 = ("lift_constants", "remove_identity", "fold_bn", "merge_branches", "remove_unused")
 # int8, on the folded graph; driven by bnfold.quant.quantize (needs calibration data).
 INT8 = ("equalize", "bias_correction", "quantize_int8")
 
@@ -37,6 +39,7 @@ __all__ = [
     "Equalize",
     "FoldBn",
     "LiftConstants",
+    "MergeBranches",
     "QuantizeInt8",
     "RemoveIdentity",
     "RemoveUnused",

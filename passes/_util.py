@@ -29,6 +29,7 @@ class Record:
         direction: ``backward`` (into the producer) or ``forward`` (into the consumers).
         into: Labels of the nodes that absorbed it.
         reason: Why it was not folded (declines, and BNs that became Mul+Add).
+        detail: What was merged, for passes that merge several nodes (merge_branches).
     """
 
     node: str
@@ -37,6 +38,7 @@ class Record:
     direction: str | None = None
     into: list[str] = dataclasses.field(default_factory=list)
     reason: str | None = None
+    detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,3 +165,25 @@ def set_constant_input(
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)
+
+
+# Which original tensor each rewritten tensor now computes, for `bnfold verify --per-layer`:
+# candidate name -> reference name, or None where a tensor keeps its name but not its meaning
+# (a conv whose weights absorbed a BN that now lives under another name).
+TENSOR_MAP = "bnfold.tensor_map"
+
+
+def tensor_map(graph: ir.Graph) -> dict[str, str | None]:
+    """The graph's tensor map (kept in ``graph.meta`` while passes run)."""
+    return graph.meta.setdefault(TENSOR_MAP, {})
+
+
+def note_replaced(graph: ir.Graph, old: str, new: str) -> None:
+    """``new`` now computes what ``old`` computed (``old`` is gone)."""
+    m = tensor_map(graph)
+    m[new] = m.pop(old, old)
+
+
+def note_changed(graph: ir.Graph, name: str) -> None:
+    """``name`` keeps its name but computes something the original model has no tensor for."""
+    tensor_map(graph)[name] = None

@@ -14,6 +14,11 @@ and casting back to the model dtype:
 
    MatMul has no bias input; a following ``Add`` of a constant is taken as its bias, and one is
    created if the fold needs it.
+   **Through** a ``Concat`` on the channel axis, a ``MaxPool`` (every ``s > 0``) or a nearest
+   ``Resize``/``Upsample`` whose output feeds only the map, the map moves onto the op's inputs
+   (a Concat gives each input its slice of ``s``/``t``) and folds into each input's producer,
+   all or none; the op stays. The math and the preconditions of each op are in
+   passes/_through.py; a failed one is the backward reason (``through Concat (...) input i: ...``).
 2. **forward**, into every consuming Conv / Gemm / MatMul (input channels)::
 
        W (s x + t) + b  ->  (W s) x + (W t + b)
@@ -37,11 +42,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.passes import _linear
+from bnfold.passes import _linear, _through
 from bnfold.passes._util import (
     BnfoldPassResult,
     Declined,
@@ -51,9 +57,12 @@ from bnfold.passes._util import (
     const_array,
     is_onnx_op,
     label,
+    note_changed,
+    note_replaced,
     np_dtype,
     set_constant_input,
     single_use,
+    tensor_map,
 )
 
 logger = logging.getLogger(__name__)
@@ -301,13 +310,16 @@ def _cast(array: np.ndarray, like: ir.Value, what: str) -> np.ndarray:
     return out
 
 
-def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> str:
-    """Rewrite ``site`` to absorb ``aff``; return the label of the absorbing node."""
+def _plan_backward(
+    graph: ir.Graph, namer: Namer, aff: Affine, site: Site
+) -> tuple[str, Callable[[], ir.Value]]:
+    """Compute ``site``'s weights with ``aff`` absorbed (or decline); return the label of the
+    absorbing node and a function that writes them into the graph and returns the value that
+    now carries the map's result."""
     node = site.node
     dt = node.outputs[0]
     s, t = aff.channels(site.out_rank, site.axis, site.channels)
     name = label(node)
-    new_bias_node = None
     # Every new tensor is computed (and may be declined) before the graph is touched: a decline
     # after a first change would leave, say, a scaled weight behind an unscaled bias.
     if is_onnx_op(node, "Conv", "ConvTranspose"):
@@ -319,18 +331,26 @@ def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> st
             )
         w = _cast(w, dt, "weight")
         b = _cast(_linear.bias_after(site.bias, s, t), dt, "bias")
-        set_constant_input(graph, namer, node, 1, w, f"{name}_W")
-        set_constant_input(graph, namer, node, 2, b, f"{name}_B")
+
+        def apply() -> ir.Value:
+            set_constant_input(graph, namer, node, 1, w, f"{name}_W")
+            set_constant_input(graph, namer, node, 2, b, f"{name}_B")
+            return site.out
+
     elif is_onnx_op(node, "Gemm"):
         trans_b = bool(node.attributes.get_int("transB", 0))
         beta = float(node.attributes.get_float("beta", 1.0))
         w = _cast(_linear.gemm_b_scale_out(site.weight, s, trans_b), dt, "weight")
         keeps_c = site.bias is not None and beta != 0.0
         c = _cast(s * site.bias + t / beta if keeps_c else t, dt, "bias")
-        if not keeps_c:
-            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        set_constant_input(graph, namer, node, 1, w, f"{name}_B")
-        set_constant_input(graph, namer, node, 2, c, f"{name}_C")
+
+        def apply() -> ir.Value:
+            if not keeps_c:
+                node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+            set_constant_input(graph, namer, node, 1, w, f"{name}_B")
+            set_constant_input(graph, namer, node, 2, c, f"{name}_C")
+            return site.out
+
     else:  # MatMul, with or without a bias Add
         w = _cast(_linear.gemm_b_scale_out(site.weight, s, False), dt, "weight")
         b = None
@@ -338,17 +358,63 @@ def _fold_backward(graph: ir.Graph, namer: Namer, aff: Affine, site: Site) -> st
             b = _cast(_linear.bias_after(site.bias, s, t), dt, "bias")
         elif np.any(t):
             b = _cast(t, dt, "bias")
-        set_constant_input(graph, namer, node, 1, w, f"{name}_W")
-        if site.bias_add is not None:
-            bias_index = next(
-                i for i, v in enumerate(site.bias_add.inputs) if const_array(v) is not None
-            )
-            set_constant_input(graph, namer, site.bias_add, bias_index, b, f"{name}_bias")
-        elif b is not None:
-            new_bias_node = _append_add(graph, namer, node, b, name)
-    final = new_bias_node.outputs[0] if new_bias_node is not None else site.out
-    _bypass(graph, aff.node, final)
-    return name
+
+        def apply() -> ir.Value:
+            set_constant_input(graph, namer, node, 1, w, f"{name}_W")
+            if site.bias_add is not None:
+                bias_index = next(
+                    i for i, v in enumerate(site.bias_add.inputs) if const_array(v) is not None
+                )
+                set_constant_input(graph, namer, site.bias_add, bias_index, b, f"{name}_bias")
+            elif b is not None:
+                return _append_add(graph, namer, node, b, name).outputs[0]
+            return site.out
+
+    return name, apply
+
+
+def _backward_pairs(aff: Affine) -> list[tuple[Affine, Site]]:
+    """Where ``aff`` folds backward: one (map, site) for a linear producer, or, through a
+    Concat / MaxPool / nearest Resize (passes/_through.py), one per producer of its inputs,
+    each with its slice of the map."""
+    producer = aff.x.producer()
+    if producer is None or not is_onnx_op(producer, *_through.THROUGH_OPS):
+        return [(aff, find_site(aff))]
+    if not single_use(aff.x):
+        raise Declined(f"{producer.op_type} output has other consumers")
+    rank = _rank(aff.x)
+    if rank is None or rank < 2:
+        raise Declined(f"rank of the {producer.op_type} output is unknown or below 2")
+    count = aff.x.shape[1]
+    if not isinstance(count, int):
+        raise Declined(f"channel count of the {producer.op_type} output is unknown")
+    s, t = aff.channels(rank, 1, count)
+    pairs = []
+    for i, (value, ps, pt) in enumerate(_through.split(producer, s, t, rank)):
+        sub = dataclasses.replace(aff, x=value, scale=ps, shift=pt, axis=1, ndim=1)
+        try:
+            pairs += _backward_pairs(sub)
+        except Declined as e:
+            raise Declined(f"through {producer.op_type} ({label(producer)}) input {i}: {e}") from e
+    return pairs
+
+
+def _fold_backward(
+    graph: ir.Graph, namer: Namer, aff: Affine, pairs: list[tuple[Affine, Site]]
+) -> list[str]:
+    """Fold each (slice of) ``aff`` into its site, all or none; return the absorbing labels."""
+    plans = [_plan_backward(graph, namer, sub, site) for sub, site in pairs]
+    for _, site in pairs:
+        # Scaled weights: their outputs no longer compute the original tensors (the one that
+        # replaces the map's output is noted again below).
+        for value in {site.node.outputs[0], site.out}:
+            note_changed(graph, value.name)
+    finals = [apply() for _, apply in plans]
+    # Through a Concat/MaxPool/Resize that op stays and carries the result; directly, the
+    # site's output (or a new bias Add after a MatMul) does.
+    direct = len(pairs) == 1 and pairs[0][0] is aff
+    _bypass(graph, aff.node, finals[0] if direct else aff.x)
+    return [name for name, _ in plans]
 
 
 def _append_add(
@@ -370,28 +436,34 @@ def _append_add(
     users = [(u.node, u.idx) for u in out.uses() if u.node is not add]
     for user, idx in users:
         user.replace_input_with(idx, result)
+    # The sum computes what ``out`` did; ``out`` itself lost the bias.
+    note_replaced(graph, out.name, result.name)
+    note_changed(graph, out.name)
     if out.is_graph_output():
         name = out.name
         graph.outputs[list(graph.outputs).index(out)] = result
         out.name = f"{name}.bnfold_replaced"
+        tensor_map(graph).pop(result.name, None)
         result.name = name
     return add
 
 
-def _replace_value(old: ir.Value, new: ir.Value) -> None:
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     """Send every user of ``old`` to ``new``; if ``old`` is a graph output, ``new`` takes its
-    place and its name (graph outputs keep their names)."""
+    place and its name (graph outputs keep their names). Noted in the tensor map."""
     name = old.name
     was_output = old.is_graph_output()
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     if was_output:
         old.name = f"{name}.bnfold_replaced"
+        tensor_map(graph).pop(new.name, None)
         new.name = name
+    note_replaced(graph, name, new.name)
 
 
 def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
     """Remove single-output ``node``, sending its users to ``replacement`` (output names kept)."""
-    _replace_value(node.outputs[0], replacement)
+    _replace_value(graph, node.outputs[0], replacement)
     graph.remove(node, safe=True)
 
 
@@ -579,9 +651,8 @@ class FoldBn(ir.passes.InPlacePass):
                 continue
             try:
                 aff = affine_of(node)
-                site = find_site(aff)
-                into = _fold_backward(graph, namer, aff, site)
-                done(node, "backward", [into])
+                into = _fold_backward(graph, namer, aff, _backward_pairs(aff))
+                done(node, "backward", into)
             except Declined as e:
                 reasons.setdefault(node, []).append(f"backward: {e}")
         if self.forward:

@@ -181,6 +181,12 @@ def inspect(model: Path, as_json: bool, brief: bool, max_size: int | None) -> No
     help="Also write the metrics as JSON to this file.",
 )
 @max_size_option
+@click.option(
+    "--per-layer",
+    is_flag=True,
+    help="Also compare every intermediate tensor (paired by name, or by the tensor map that "
+    "bnfold fold writes) and name the first layer past the gate.",
+)
 def verify(
     reference: Path,
     candidate: Path,
@@ -192,6 +198,7 @@ def verify(
     seed: int,
     json_out: Path | None,
     max_size: int | None,
+    per_layer: bool,
 ) -> None:
     """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) and compare their outputs.
 
@@ -218,6 +225,7 @@ def verify(
         rtol=rtol,
         seed=seed,
         max_size_bytes=max_size,
+        per_layer=per_layer,
     )
     if json_out:
         write_json(json_out, result.to_dict())

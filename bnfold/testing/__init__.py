@@ -61,3 +61,21 @@ def outputs_close(
         assert err <= atol + rtol * scale, f"{name}: max abs err {err:g} vs max|ref| {scale:g}"
         worst = max(worst, err / scale if scale else 0.0)
     return worst
+
+
+def random_feeds(model: onnx.ModelProto, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Standard-normal data for every (static-shaped) graph input of ``model``."""
+    return {
+        vi.name: rng.standard_normal([d.dim_value for d in vi.type.tensor_type.shape.dim]).astype(
+            onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        )
+        for vi in model.graph.input
+    }
+
+
+def bn_stats(rng: np.random.Generator, c: int, prefix: str) -> dict[str, np.ndarray]:
+    """Trained-looking BN parameters ``{prefix}_s/_b/_m/_v`` (float32; scale ~0.3..3, shift
+    non-zero), for models written as ``BatchNormalization (x, P_s, P_b, P_m, P_v)``."""
+    arrays = (rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c), rng.normal(0, 0.5, c),
+              rng.uniform(0.2, 2.0, c))  # fmt: skip
+    return {f"{prefix}_{k}": a.astype(np.float32) for k, a in zip("sbmv", arrays, strict=True)}

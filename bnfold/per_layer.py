@@ -1,0 +1,150 @@
+"""Per-layer comparison of two ONNX models (``bnfold verify --per-layer``).
+
+Output-only verification says *that* two models part, not *where*. Here every intermediate float
+tensor of the candidate is paired with the reference tensor it computes, both models are run in
+onnxruntime (optimizations off) with those tensors as extra outputs, and each pair is measured
+like an output (max abs, max rel, cosine; the same gate), in the candidate's graph order. The
+first pair past the gate is the first layer where the models part.
+
+Pairing: the same name, as for any two models that share tensor names (like Polygraphy's
+``--mark all``), unless the candidate carries bnfold's tensor map (``bnfold.tensor_map``
+metadata, written by ``bnfold fold``): a folded conv's output computes the BN's output, a merged
+conv's output the Add's, and a conv whose weights absorbed a BN that now lives under another
+name computes nothing the original has (it is left out instead of reported as a false mismatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bnfold import check
+from bnfold.passes._util import TENSOR_MAP
+
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+@dataclasses.dataclass
+class Layer:
+    """One paired tensor: the candidate's name, the reference's, the candidate op, its metrics."""
+
+    candidate: str
+    reference: str
+    op: str
+    metrics: check.OutputMetrics
+
+
+@dataclasses.dataclass
+class PerLayer:
+    """Every paired tensor in the candidate's graph order."""
+
+    layers: list[Layer]
+    atol: float
+    rtol: float
+
+    @property
+    def first_failure(self) -> Layer | None:
+        return next((la for la in self.layers if not la.metrics.passed), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        first = self.first_failure
+        return {
+            "layers": [
+                {"candidate": la.candidate, "reference": la.reference, "op": la.op,
+                 **{k: v if not isinstance(v, float) or np.isfinite(v) else None
+                    for k, v in dataclasses.asdict(la.metrics).items() if k != "name"}}
+                for la in self.layers
+            ],
+            "first_failure": None if first is None else first.candidate,
+        }  # fmt: skip
+
+    def table(self) -> str:
+        """Plain-text table, then the first layer past the gate."""
+        lines = [f"{'layer (candidate tensor)':<36} {'op':<14} {'max_abs':>10} {'max_rel':>10} "
+                 f"{'cosine':>12}  result"]  # fmt: skip
+        for la in self.layers:
+            m = la.metrics
+            name = la.candidate
+            if la.reference != la.candidate:
+                name += f"={la.reference}"
+            name = name if len(name) <= 36 else "…" + name[-35:]
+            res = "PASS" if m.passed else ("FAIL (NaN/Inf)" if not m.finite else "FAIL")
+            lines.append(f"{name:<36} {la.op[:14]:<14} {m.max_abs:>10.3g} {m.max_rel:>10.3g} "
+                         f"{m.cosine:>12.9f}  {res}")  # fmt: skip
+        first = self.first_failure
+        lines.append(
+            f"{len(self.layers)} layers compared; "
+            + ("all within the gate" if first is None else
+               f"first past the gate: {first.candidate} ({first.op})")
+        )  # fmt: skip
+        return "\n".join(lines)
+
+
+def _float_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every float tensor shape inference knows."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    return {
+        vi.name: vi.type.tensor_type.elem_type
+        for vi in (*g.value_info, *g.output)
+        if vi.type.tensor_type.elem_type in _FLOATS
+    }
+
+
+def pairs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(candidate tensor, reference tensor, candidate op) for every intermediate float tensor
+    of the candidate that computes a reference tensor, in the candidate's graph order."""
+    tmap: Mapping[str, str | None] = {}
+    for prop in candidate.metadata_props:
+        if prop.key == TENSOR_MAP:
+            tmap = json.loads(prop.value)
+    ref_types, cand_types = _float_types(reference), _float_types(candidate)
+    found, seen = [], set()
+    for node in candidate.graph.node:
+        for name in node.output:
+            ref = tmap.get(name, name) if name in tmap else name
+            if not name or ref is None or ref in seen:
+                continue
+            if ref_types.get(ref) is not None and cand_types.get(name) == ref_types[ref]:
+                found.append((name, ref, node.op_type))
+                seen.add(ref)
+    return found
+
+
+def _with_outputs(proto: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    types = _float_types(proto)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+    return out
+
+
+def compare(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    feed_sets: Sequence[Mapping[str, np.ndarray]],
+    atol: float,
+    rtol: float,
+) -> PerLayer:
+    """Run both models with every paired tensor as an output and measure each pair."""
+    found = pairs(reference, candidate)
+    ref_model = _with_outputs(reference, [r for _, r, _ in found])
+    cand_model = _with_outputs(candidate, [c for c, _, _ in found])
+    ref_runs = [check.run_onnxruntime(ref_model, dict(f)) for f in feed_sets]
+    cand_runs = [check.run_onnxruntime(cand_model, dict(f)) for f in feed_sets]
+    ref_out = {k: np.concatenate([r[k] for r in ref_runs]) for k in ref_runs[0]}
+    cand_out = {k: np.concatenate([r[k] for r in cand_runs]) for k in cand_runs[0]}
+    layers = []
+    for c, r, op in found:  # measured exactly as verify measures an output
+        if ref_out[r].shape != cand_out[c].shape:
+            continue  # a rewrite that changed the layout (not a tensor of the same meaning)
+        layers.append(Layer(c, r, op, check._metrics(c, ref_out[r], cand_out[c], atol, rtol)))
+    return PerLayer(layers, atol, rtol)

@@ -1,0 +1,109 @@
+"""Rules for moving a per-channel affine map backward through channel-preserving ops.
+
+fold_bn folds ``y = s * x + t`` (per channel ``c`` of axis 1) into the linear op that produces
+``x``. When ``x`` comes from one of the ops below instead, the map can move to the op's inputs
+first, exactly, and then fold into *their* producers:
+
+- ``Concat`` on the channel axis: channel ``c`` of the output is channel ``c - o_i`` of input
+  ``i`` (``o_i`` = channels of the inputs before it), so the map on the output is, per input, the
+  slice ``s[o_i : o_i + C_i]``, ``t[o_i : o_i + C_i]``::
+
+      s * concat(x_1, ..., x_n) + t  ==  concat(s_1 * x_1 + t_1, ..., s_n * x_n + t_n)
+
+  A concat on any other axis mixes nothing per channel but puts several channels' maps on one
+  slice; it is declined.
+- ``MaxPool``, when every ``s > 0``: a positive scale and a shift are monotonic, so they commute
+  with taking the maximum over any window (padding included: max pooling pads with -inf, which
+  the map leaves at -inf)::
+
+      max_k (s * x_k + t)  ==  s * max_k x_k + t        (s > 0)
+
+  A negative scale turns the max into a min; a zero scale is declined with it (the rule is kept
+  to the case the proof needs). The ``Indices`` output must be unused.
+- ``Resize`` / ``Upsample`` in ``nearest`` mode: every output element is a copy of one input
+  element of the same channel, so any per-channel map commutes with it. Declined: other modes
+  (they mix neighbours: still exact for an affine map only when the weights sum to one, which
+  ``cubic`` does not guarantee at borders), ``tf_crop_and_resize`` (its extrapolation value is
+  not mapped), and a resize that changes the channel axis.
+
+Every op here must feed only the map (its output single-use), otherwise moving the map would
+change what its other consumers see. ``split`` returns, per input of the op, the value and the
+slice of ``(s, t)`` that now applies to it; it changes nothing in the graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.passes._util import Declined, is_onnx_op
+
+_Part = tuple[ir.Value, np.ndarray, np.ndarray]  # an input of the op and its slice (s, t)
+THROUGH_OPS = ("Concat", "MaxPool", "Resize", "Upsample")
+
+
+def _channels(value: ir.Value) -> int:
+    dim = value.shape[1] if value.shape is not None and len(value.shape) > 1 else None
+    if not isinstance(dim, int):
+        raise Declined(f"channel count of {value.name} is unknown")
+    return dim
+
+
+def _split_concat(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> list[_Part]:
+    axis = node.attributes.get_int("axis", 1)
+    if (axis if axis >= 0 else axis + rank) != 1:
+        raise Declined(f"Concat on axis {axis}, not the channel axis 1")
+    parts, offset = [], 0
+    for value in node.inputs:
+        if value is None:
+            raise Declined("Concat has an empty input")
+        count = _channels(value)
+        parts.append((value, s[offset : offset + count], t[offset : offset + count]))
+        offset += count
+    if offset != s.shape[0]:
+        raise Declined(f"Concat inputs have {offset} channels, the map {s.shape[0]}")
+    return parts
+
+
+def _split_maxpool(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> list[_Part]:
+    if (
+        len(node.outputs) > 1
+        and node.outputs[1] is not None
+        and (node.outputs[1].uses() or node.outputs[1].is_graph_output())
+    ):
+        raise Declined("MaxPool Indices output is used")
+    if not np.all(s > 0):
+        raise Declined("MaxPool: a scale is not positive (max does not commute with it)")
+    return [(node.inputs[0], s, t)]
+
+
+def _split_resize(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> list[_Part]:
+    mode = node.attributes.get_string("mode", "nearest")
+    if mode != "nearest":
+        raise Declined(f"{node.op_type} mode {mode!r} is not nearest")
+    ctm = node.attributes.get_string("coordinate_transformation_mode", "half_pixel")
+    if ctm == "tf_crop_and_resize":
+        raise Declined(f"{node.op_type} tf_crop_and_resize extrapolates a constant")
+    x, y = node.inputs[0], node.outputs[0]
+    if x is None or _channels(x) != _channels(y):
+        raise Declined(f"{node.op_type} changes the channel count")
+    return [(x, s, t)]
+
+
+_RULES = {
+    "Concat": _split_concat,
+    "MaxPool": _split_maxpool,
+    "Resize": _split_resize,
+    "Upsample": _split_resize,
+}
+
+
+def split(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> list[_Part]:
+    """The map ``(s, t)`` on channel axis 1 of ``node``'s output, moved onto its inputs.
+
+    Returns ``(input value, scale, shift)`` per data input of ``node``; raises Declined with the
+    reason when the map does not commute with ``node``.
+    """
+    if not is_onnx_op(node, *THROUGH_OPS):
+        raise Declined(f"{node.op_type} is not an op a map moves through")
+    return _RULES[node.op_type](node, s, t, rank)
