@@ -143,20 +143,20 @@ def resolve_shapes(
 def freeze(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of ``model`` (an onnx_ir Model) with static input shapes, ready for TVM's importer.
 
-    Shape-dependent subgraphs are folded to constants (onnxscript's constant folder with ONNX
-    shape inference), and all ``Constant`` nodes become initializers.
+    Shape-dependent and constant-only subgraphs are folded to constants
+    (:func:`bnfold.const_fold.fold_constants`), and all ``Constant`` nodes become initializers.
     """
     import onnx_ir as ir
-    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
-    from onnxscript import optimizer
+
+    from bnfold import const_fold
 
     frozen = ir.from_proto(ir.to_proto(model))
     for value in frozen.graph.inputs:
         if value.name in shapes:
             value.shape = ir.Shape(list(shapes[value.name]))
-    optimizer.fold_constants(frozen, onnx_shape_inference=True)
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(frozen)
-    RemoveUnusedNodesPass()(frozen)
+    # Also folds what depends only on constants (torch's pad amounts): TVM needs those as
+    # constants, and onnxscript's defaults keep every ConstantOfShape (see bnfold.const_fold).
+    const_fold.fold_constants(frozen)
     return ir.to_proto(frozen)
 
 
@@ -172,14 +172,35 @@ def _tensor_specs(ty: Any) -> list[dict[str, Any]]:
 
 
 def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> Any:
-    """Import a frozen ONNX model into a Relax IRModule with the weights bound as constants."""
+    """Import a frozen ONNX model into a Relax IRModule with the weights bound as constants.
+
+    What TVM prints meanwhile (its importer's notes, warnings, its C++ logger) is logged at
+    DEBUG level; a failure is one BnfoldError line that names the op where TVM says which.
+    """
+    import gc
+    import re
+
     import tvm.relax.frontend.onnx as relax_onnx
 
-    try:
-        return relax_onnx.from_onnx(proto, shape_dict=dict(shapes), keep_params_in_input=False)
-    except Exception as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise BnfoldError(f"TVM cannot import the model: {type(e).__name__}: {first}") from None
+    from bnfold.captured_output import captured
+
+    error = None
+    with captured() as out:
+        try:
+            mod = relax_onnx.from_onnx(proto, shape_dict=dict(shapes), keep_params_in_input=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            error = f"{type(e).__name__}: {first}"
+        # An aborted import's BlockBuilder warns (on fd 2) when it is destroyed: let that
+        # happen here, now that the exception and its frames are gone.
+        gc.collect()
+    for line in out.lines():
+        logger.debug("tvm import: %s", line)
+    if error is not None:
+        op = re.search(r"Error converting operator (\S+),", out.text)
+        where = f"{op.group(1)}: " if op and op.group(1) not in error else ""
+        raise BnfoldError(f"TVM cannot import the model: {where}{error}")
+    return mod
 
 
 def tvm_target(target: Target) -> Any:
