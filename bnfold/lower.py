@@ -144,11 +144,14 @@ def freeze(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto
     """A copy of ``model`` (an onnx_ir Model) with static input shapes, ready for TVM's importer.
 
     Shape-dependent and constant-only subgraphs are folded to constants
-    (:func:`bnfold.const_fold.fold_constants`), and all ``Constant`` nodes become initializers.
+    (:func:`bnfold.const_fold.fold_constants`), all ``Constant`` nodes become initializers, and
+    zero Pads whose amounts only then became constant fold into their Conv/pool
+    (:class:`bnfold.passes.fold_pad.FoldPad`).
     """
     import onnx_ir as ir
 
     from bnfold import const_fold
+    from bnfold.passes.fold_pad import FoldPad
 
     frozen = ir.from_proto(ir.to_proto(model))
     for value in frozen.graph.inputs:
@@ -157,6 +160,8 @@ def freeze(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto
     # Also folds what depends only on constants (torch's pad amounts): TVM needs those as
     # constants, and onnxscript's defaults keep every ConstantOfShape (see bnfold.const_fold).
     const_fold.fold_constants(frozen)
+    # Pads whose amounts were computed in the graph are constants only now.
+    FoldPad()(frozen)
     return ir.to_proto(frozen)
 
 

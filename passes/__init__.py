@@ -9,6 +9,7 @@ from __future__ import annotations
 from bnfold.passes.bias_correction import BiasCorrection
 from bnfold.passes.equalize import Equalize
 from bnfold.passes.fold_bn import FoldBn
+from bnfold.passes.fold_pad import FoldPad
 from bnfold.passes.lift_constants import LiftConstants
 from bnfold.passes.quantize_int8 import QuantizeInt8
 from bnfold.passes.remove_identity import RemoveIdentity
@@ -18,6 +19,7 @@ PASSES = {
     "lift_constants": LiftConstants,
     "remove_identity": RemoveIdentity,
     "fold_bn": FoldBn,
+    "fold_pad": FoldPad,
     "remove_unused": RemoveUnused,
     "equalize": Equalize,
     "bias_correction": BiasCorrection,
@@ -25,7 +27,7 @@ PASSES = {
 }
 
 # The default fp32 pipeline, in order.
-FP32 = ("lift_constants", "remove_identity", "fold_bn", "remove_unused")
+FP32 = ("lift_constants", "remove_identity", "fold_bn", "fold_pad", "remove_unused")
 # int8, on the folded graph; driven by bnfold.quantize (needs calibration data).
 INT8 = ("equalize", "bias_correction", "quantize_int8")
 
@@ -36,6 +38,7 @@ __all__ = [
     "BiasCorrection",
     "Equalize",
     "FoldBn",
+    "FoldPad",
     "LiftConstants",
     "QuantizeInt8",
     "RemoveIdentity",
