@@ -33,6 +33,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
 
+from bnfold.captured_output import captured
 from bnfold.passes._util import ONNX_DOMAINS, is_onnx_op
 
 logger = logging.getLogger(__name__)
@@ -126,10 +127,16 @@ def fold_cone_with_onnxruntime(model: ir.Model) -> int:
     )
     for t, name in zip(proto.graph.initializer, inits, strict=True):
         t.name = name
-    try:
-        results = check.run_onnxruntime(proto, {})
-    except BnfoldError as e:
-        logger.debug("constant cone of %d nodes not folded: %s", len(nodes), e)
+    # A cone that onnxruntime refuses makes it log on file descriptor 2: that goes to DEBUG.
+    with captured() as out:
+        try:
+            results = check.run_onnxruntime(proto, {})
+        except BnfoldError as e:
+            results = None
+            logger.debug("constant cone of %d nodes not folded: %s", len(nodes), e)
+    for line in out.lines():
+        logger.debug("onnxruntime: %s", line)
+    if results is None:
         return 0
     folded = 0
     for v in wanted:

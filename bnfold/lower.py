@@ -4,8 +4,10 @@
 
 1. fold: :func:`bnfold.pipeline.fold` (BN folding), saved as ``model.folded.onnx``;
 2. freeze: give every input its concrete shape and fold the shape arithmetic that depends on it
-   (``Shape -> Cast -> Slice -> Concat -> Reshape`` chains, which TVM's importer cannot take),
-   and turn every ``Constant`` node into an initializer (the importer reads only ``value``);
+   (``Shape -> Cast -> Slice -> Concat -> Reshape`` chains, which TVM's importer cannot take)
+   and every small value computed from constants only (torch's ``ConstantOfShape -> ... -> Pad``
+   amounts), fold the zero Pads that then have constant amounts into their Conv/pool, and turn
+   every ``Constant`` node into an initializer (the importer reads only ``value``);
 3. import: ``tvm.relax.frontend.onnx.from_onnx`` with the weights bound as constants;
 4. build: ``tvm.compile`` for the target (CUDA: dlight's default GPU schedules);
 5. export: the target writes its files (``model.so``; CUDA adds ``model.fatbin``);

@@ -8,6 +8,7 @@ test, by the TorchScript exporter (at opset 10, where Pad's amounts are an attri
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import warnings
@@ -147,18 +148,29 @@ def padded_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from torch import nn
     from torch.nn import functional as F
 
+    def pad_same(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+        """TF-"same" padding computed from the input's size, as TF-ported nets do it (with a
+        static input the sizes trace to constants: the same pad chain as F.pad)."""
+        amounts = []
+        for size in (x.size(-1), x.size(-2)):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            amounts += [total // 2, total - total // 2]
+        return F.pad(x, amounts)
+
     class Padded(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.stem = nn.Conv2d(3, 8, 3, stride=2)
             self.a, self.b, self.c = (nn.Conv2d(8, 8, 3) for _ in range(3))
+            self.dw = nn.Conv2d(8, 8, 5, stride=2, groups=8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             x = torch.relu(self.stem(F.pad(x, (0, 1, 0, 1))))  # TF-"same" stem: asymmetric
             x = F.max_pool2d(F.pad(x, (1, 0, 1, 0)), 3, stride=2)  # zero pad of a Relu
             x = self.a(F.pad(x, (1, 2, 0, 1), mode="reflect"))
             x = self.b(F.pad(x, (1, 1, 1, 1), mode="replicate"))
-            return self.c(F.pad(x, (1, 1, 1, 1), value=0.5))
+            x = self.c(F.pad(x, (1, 1, 1, 1), value=0.5))
+            return self.dw(pad_same(x, 5, 2))
 
     torch.manual_seed(0)
     net = Padded().eval()
@@ -184,8 +196,8 @@ def test_torch_padded_model_compiles_and_verifies(
     name = source.graph.input[0].name
     shapes = {name: (1, 3, 32, 32)}
     frozen = lower.freeze(pipeline.fold(path)[0], shapes)
-    # The two zero pads are gone (into the stem Conv and the MaxPool); reflect, replicate and
-    # the 0.5 pad stay, with constant amounts.
+    # The three zero pads are gone (into the stem Conv, the MaxPool and the depthwise Conv);
+    # reflect, replicate and the 0.5 pad stay, with constant amounts.
     pads = [n for n in frozen.graph.node if n.op_type == "Pad"]
     assert len(pads) == 3
     assert {n.op_type for n in frozen.graph.node} == {"Conv", "Relu", "MaxPool", "Pad"}
