@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+import bnfold
 from bnfold import ir as bir
 from bnfold.passes import FP32, PASSES
 from bnfold.passes.fold_pad import FoldPad
@@ -197,3 +198,15 @@ def test_max_pool_indices_used_declines() -> None:
 def test_fold_pad_is_in_the_fp32_pipeline() -> None:
     assert PASSES["fold_pad"] is FoldPad
     assert FP32.index("fold_pad") > FP32.index("lift_constants")
+
+
+def test_fold_report_lists_every_pad_with_its_outcome() -> None:
+    folds, p_pads = pad_call("x", "p", [0, 0, 1, 1, 0, 0, 1, 1], 13)
+    keeps, q_pads = pad_call("x", "q", [0, 0, 1, 1, 0, 0, 1, 1], 13, mode="reflect")
+    body = f"{folds}\n {keeps}\n a = Conv (p, W, B)\n b = Conv (q, W, B)\n y = Add (a, b)"
+    m = model(body, 13, "[1,4,?,?]", **p_pads, **q_pads, **conv_weight())
+    folded, report = bnfold.fold(m)
+    assert count_ops(folded, "Pad") == 1
+    got = {r["node"]: (r["action"], r["reason"]) for r in report.to_dict()["pads"]}
+    assert got == {"Pad:p": ("folded", None), "Pad:q": ("kept", "mode reflect is not constant")}
+    outputs_close(m, folded, feeds(m))
