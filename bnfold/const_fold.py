@@ -13,10 +13,10 @@ Pad``. Two well-kept evaluators fold them here, nothing home-made:
    :data:`SMALL` elements is folded. It keeps Quantize/DequantizeLinear (the int8 lowering
    reads them), and it skips nodes with several outputs (``Split``).
 2. onnxruntime, for what the first leaves: the *constant cone* (nodes whose inputs are all
-   constants of at most :data:`SMALL` elements, or outputs of such nodes; Quantize/Dequantize,
-   random and control-flow nodes excluded) is run once as a model of its own, with graph
-   optimizations off, and each cone value that the rest of the graph reads becomes an
-   initializer when it has at most :data:`SMALL` elements.
+   constants of at most :data:`SMALL` elements, or outputs of such nodes, and whose outputs
+   have a static shape of at most :data:`SMALL` elements; Quantize/Dequantize, random and
+   control-flow nodes excluded) is run once as a model of its own, with graph optimizations
+   off, and each cone value that the rest of the graph reads becomes an initializer.
 
 Larger constant results stay computed in the graph: they are data (a zero tensor, a transposed
 weight), which TVM handles, not the shape-like operands that it needs as constants.
@@ -85,6 +85,11 @@ def _in_cone(node: ir.Node, cone: set[ir.Value]) -> bool:
     graph_attrs = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
     if any(a.type in graph_attrs for a in node.attributes.values()):
         return False
+    # Outputs of a known, small size only: evaluating a large constant (a zero tensor of
+    # gigabytes) would cost its memory for a value that is then left in the graph anyway.
+    for v in node.outputs:
+        if v.shape is None or not v.shape.is_static() or math.prod(v.shape.numpy()) > SMALL:
+            return False
     return all(_constant(v, cone) for v in node.inputs)
 
 
@@ -138,11 +143,8 @@ def fold_cone_with_onnxruntime(model: ir.Model) -> int:
         logger.debug("onnxruntime: %s", line)
     if results is None:
         return 0
-    folded = 0
     for v in wanted:
         array = results[v.name]
-        if array.size > SMALL:
-            continue
         const = ir.Value(
             name=v.name, shape=ir.Shape(array.shape),
             type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
@@ -151,9 +153,8 @@ def fold_cone_with_onnxruntime(model: ir.Model) -> int:
         v.name = None  # the initializer takes over the name the consumers know it by
         ir.convenience.replace_all_uses_with(v, const)
         graph.register_initializer(const)
-        folded += 1
-    logger.debug("onnxruntime folded %d values of a %d-node constant cone", folded, len(nodes))
-    return folded
+    logger.debug("onnxruntime folded %d values of a %d-node constant cone", len(wanted), len(nodes))
+    return len(wanted)
 
 
 def fold_constants(model: ir.Model) -> int:

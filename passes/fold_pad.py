@@ -101,6 +101,8 @@ def _spread_over_axes(amounts: np.ndarray, axes_input: ir.Value, node: ir.Node) 
     axes = [int(a) + rank if a < 0 else int(a) for a in axes.reshape(-1)]
     if amounts.size != 2 * len(axes) or len(set(axes)) != len(axes):
         raise Declined("pads do not match axes")
+    if any(not 0 <= a < rank for a in axes):
+        raise Declined(f"axes {axes} out of range for rank {rank}")
     full = np.zeros(2 * rank, np.int64)
     for i, a in enumerate(axes):
         full[a], full[rank + a] = amounts[i], amounts[len(axes) + i]
@@ -142,6 +144,8 @@ def consumer_pads(pad: ir.Node, spatial: np.ndarray) -> tuple[ir.Node, np.ndarra
         raise Declined(f"{node.op_type} kernel rank does not match the Pad's spatial axes")
     n = len(kernel)
     old = node.attributes.get_ints("pads") if auto_pad == "NOTSET" else None
+    if old is not None and len(old) != 2 * n:
+        raise Declined(f"{node.op_type} has {len(old)} pads for {n} spatial axes")
     pads = np.asarray(old if old is not None else [0] * 2 * n, np.int64) + spatial
     if is_onnx_op(node, "Conv"):
         return node, pads
@@ -213,4 +217,8 @@ class FoldPad(ir.passes.InPlacePass):
             result.changed.append(Record(name, "Pad", "folded", "forward", [label(consumer)]))
             result.modified = True
             logger.debug("folded %s into %s", name, label(consumer))
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.graph is not graph and is_onnx_op(node, "Pad"):
+                reason = "inside a subgraph (If/Loop/Scan body); not folded"
+                result.declined.append(Record(label(node), "Pad", "kept", reason=reason))
         return result

@@ -210,3 +210,21 @@ def test_fold_report_lists_every_pad_with_its_outcome() -> None:
     got = {r["node"]: (r["action"], r["reason"]) for r in report.to_dict()["pads"]}
     assert got == {"Pad:p": ("folded", None), "Pad:q": ("kept", "mode reflect is not constant")}
     outputs_close(m, folded, feeds(m))
+
+
+def test_pad_inside_a_subgraph_is_reported_kept() -> None:
+    text = """<ir_version: 8, opset_import: ["" : 13]>
+    g (float[1,4,7,9] x, bool c) => (float[1,4,?,?] y) {
+        y = If (c) <
+            then_branch = t () => (float[1,4,?,?] a) {
+                a = Pad (x, pads)
+            },
+            else_branch = e () => (float[1,4,7,9] b) { b = Identity (x) }
+        >
+    }"""
+    m = parse(text, pads=np.asarray([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+    folded, result = run_pass(m)
+    assert [(r.op, r.action) for r in result.declined] == [("Pad", "kept")]
+    assert "subgraph" in result.declined[0].reason
+    for c in (True, False):
+        outputs_close(m, folded, {**feeds(m), "c": np.asarray(c)})
