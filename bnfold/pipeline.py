@@ -104,6 +104,8 @@ def fold(
             len(changed),
             len(declined),
         )
+        if name == "fold_pad":
+            report.pads.extend([*changed, *declined])
         if name == "fold_bn":
             for rec in [*changed, *declined]:
                 (report.batchnorms if rec.op == "BatchNormalization" else report.affine_ops).append(

@@ -29,8 +29,9 @@ class FoldReport:
     ``batchnorms`` holds exactly one record per BN of the input: ``folded`` (``direction``
     backward/forward, ``into`` the absorbing nodes), ``affine`` (rewritten as Mul+Add; ``reason``
     says why it could not fold) or ``kept`` (``reason`` says why). ``affine_ops`` lists the
-    constant Mul/Add/Sub/Div that folded too. ``merges`` has one record per sum of parallel
-    branches: ``merged`` (``into`` the conv, ``detail`` the branches) or ``kept`` (``reason``).
+    constant Mul/Add/Sub/Div that folded too; ``pads`` every Pad, ``folded`` into its Conv/pool or
+    ``kept`` (``reason`` says why). ``merges`` has one record per sum of parallel branches:
+    ``merged`` (``into`` the conv, ``detail`` the branches) or ``kept`` (``reason``).
     """
 
     source: str
@@ -40,6 +41,7 @@ class FoldReport:
     nodes_after: int = 0
     batchnorms: list[Record] = dataclasses.field(default_factory=list)
     affine_ops: list[Record] = dataclasses.field(default_factory=list)
+    pads: list[Record] = dataclasses.field(default_factory=list)
     merges: list[Record] = dataclasses.field(default_factory=list)
     passes: list[PassStat] = dataclasses.field(default_factory=list)
     pass_ms: float = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from bnfold.passes.bias_correction import BiasCorrection
 from bnfold.passes.equalize import Equalize
 from bnfold.passes.fold_bn import FoldBn
+from bnfold.passes.fold_pad import FoldPad
 from bnfold.passes.lift_constants import LiftConstants
 from bnfold.passes.merge_branches import MergeBranches
 from bnfold.passes.quantize_int8 import QuantizeInt8
@@ -19,6 +20,7 @@ PASSES = {
     "lift_constants": LiftConstants,
     "remove_identity": RemoveIdentity,
     "fold_bn": FoldBn,
+    "fold_pad": FoldPad,
     "merge_branches": MergeBranches,
     "remove_unused": RemoveUnused,
     "equalize": Equalize,
@@ -27,7 +29,14 @@ PASSES = {
 }
 
 # The default fp32 pipeline, in order.
-FP32 = ("lift_constants", "remove_identity", "fold_bn", "merge_branches", "remove_unused")
+FP32 = (
+    "lift_constants",
+    "remove_identity",
+    "fold_bn",
+    "fold_pad",
+    "merge_branches",
+    "remove_unused",
+)
 # int8, on the folded graph; driven by bnfold.quant.quantize (needs calibration data).
 INT8 = ("equalize", "bias_correction", "quantize_int8")
 
@@ -38,6 +47,7 @@ __all__ = [
     "BiasCorrection",
     "Equalize",
     "FoldBn",
+    "FoldPad",
     "LiftConstants",
     "MergeBranches",
     "QuantizeInt8",

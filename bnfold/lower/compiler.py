@@ -4,8 +4,10 @@
 
 1. fold: :func:`bnfold.pipeline.fold` (BN folding), saved as ``model.folded.onnx``;
 2. freeze: give every input its concrete shape and fold the shape arithmetic that depends on it
-   (``Shape -> Cast -> Slice -> Concat -> Reshape`` chains, which TVM's importer cannot take),
-   and turn every ``Constant`` node into an initializer (the importer reads only ``value``);
+   (``Shape -> Cast -> Slice -> Concat -> Reshape`` chains, which TVM's importer cannot take)
+   and every small value computed from constants only (torch's ``ConstantOfShape -> ... -> Pad``
+   amounts), fold the zero Pads that then have constant amounts into their Conv/pool, and turn
+   every ``Constant`` node into an initializer (the importer reads only ``value``);
 3. import: ``tvm.relax.frontend.onnx.from_onnx`` with the weights bound as constants;
 4. build: ``tvm.compile`` for the target (CUDA: dlight's default GPU schedules);
 5. export: the target writes its files (``model.so``; CUDA adds ``model.fatbin``);
@@ -147,20 +149,25 @@ def resolve_shapes(
 def freeze(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of ``model`` (an onnx_ir Model) with static input shapes, ready for TVM's importer.
 
-    Shape-dependent subgraphs are folded to constants (onnxscript's constant folder with ONNX
-    shape inference), and all ``Constant`` nodes become initializers.
+    Shape-dependent and constant-only subgraphs are folded to constants
+    (:func:`bnfold.const_fold.fold_constants`), all ``Constant`` nodes become initializers, and
+    zero Pads whose amounts only then became constant fold into their Conv/pool
+    (:class:`bnfold.passes.fold_pad.FoldPad`).
     """
     import onnx_ir as ir
-    from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
-    from onnxscript import optimizer
+
+    from bnfold import const_fold
+    from bnfold.passes.fold_pad import FoldPad
 
     frozen = ir.from_proto(ir.to_proto(model))
     for value in frozen.graph.inputs:
         if value.name in shapes:
             value.shape = ir.Shape(list(shapes[value.name]))
-    optimizer.fold_constants(frozen, onnx_shape_inference=True)
-    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(frozen)
-    RemoveUnusedNodesPass()(frozen)
+    # Also folds what depends only on constants (torch's pad amounts): TVM needs those as
+    # constants, and onnxscript's defaults keep every ConstantOfShape (see bnfold.const_fold).
+    const_fold.fold_constants(frozen)
+    # Pads whose amounts were computed in the graph are constants only now.
+    FoldPad()(frozen)
     return ir.to_proto(frozen)
 
 
@@ -176,14 +183,35 @@ def _tensor_specs(ty: Any) -> list[dict[str, Any]]:
 
 
 def import_relax(proto: onnx.ModelProto, shapes: Mapping[str, tuple[int, ...]]) -> Any:
-    """Import a frozen ONNX model into a Relax IRModule with the weights bound as constants."""
+    """Import a frozen ONNX model into a Relax IRModule with the weights bound as constants.
+
+    What TVM prints meanwhile (its importer's notes, warnings, its C++ logger) is logged at
+    DEBUG level; a failure is one BnfoldError line that names the op where TVM says which.
+    """
+    import gc
+    import re
+
     import tvm.relax.frontend.onnx as relax_onnx
 
-    try:
-        return relax_onnx.from_onnx(proto, shape_dict=dict(shapes), keep_params_in_input=False)
-    except Exception as e:
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise BnfoldError(f"TVM cannot import the model: {type(e).__name__}: {first}") from None
+    from bnfold.captured_output import captured
+
+    error = None
+    with captured() as out:
+        try:
+            mod = relax_onnx.from_onnx(proto, shape_dict=dict(shapes), keep_params_in_input=False)
+        except Exception as e:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            error = f"{type(e).__name__}: {first}"
+        # An aborted import's BlockBuilder warns (on fd 2) when it is destroyed: let that
+        # happen here, now that the exception and its frames are gone.
+        gc.collect()
+    for line in out.lines():
+        logger.debug("tvm import: %s", line)
+    if error is not None:
+        op = re.search(r"Error converting operator (\S+),", out.text)
+        where = f"{op.group(1)}: " if op and op.group(1) not in error else ""
+        raise BnfoldError(f"TVM cannot import the model: {where}{error}")
+    return mod
 
 
 def tvm_target(target: Target) -> Any:
