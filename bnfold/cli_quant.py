@@ -114,6 +114,10 @@ QUANT_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     click.option("--bgr", is_flag=True, help="Images: feed channels in BGR order."),
     click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
                  help="Images: the input layout (default: guessed from the model input)."),
+    click.option("--target-cosine", type=click.FloatRange(0, 1), default=None,
+                 help="Keep the layers that lose the most SQNR in float (more each round, up to "
+                      "6 more quantizations) until the held-out mean cosine reaches this; the "
+                      "report lists them."),
     click.option("--min-top1-agreement", type=click.FloatRange(0, 1), default=None,
                  help="Fail (exit 1) if int8 top-1 agrees with fp32 on fewer held-out samples."),
     click.option("--min-cosine", type=click.FloatRange(0, 1), default=DEFAULT_MIN_COSINE,
@@ -200,17 +204,23 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
             held = _load(opts["eval_path"], specs, pre, opts["eval_size"], bars, "reading eval")
         else:
             cal, held = calib.split(samples, opts["eval_fraction"])
-        int8, report = quantize(
-            model, cal, per_channel=not opts["per_tensor"],
-            activation_type=opts["activation_type"], method=opts["method"], cle=opts["cle"],
-            bias_correction=opts["bias_correction"], exclude=opts["exclude"],
-            percentile=opts["percentile"], progress=bars,
+        qopts: dict[str, Any] = dict(
+            per_channel=not opts["per_tensor"], activation_type=opts["activation_type"],
+            method=opts["method"], cle=opts["cle"], bias_correction=opts["bias_correction"],
+            exclude=opts["exclude"], percentile=opts["percentile"],
         )  # fmt: skip
+        int8, report = quantize(model, cal, progress=bars, **qopts)
         held_batches = calib.batches(held, specs)
         n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
         acc = quant_report.evaluate(
             model, int8, report, held_batches, progress=bars.counter("evaluating", n_held)
         )
+        if opts.get("target_cosine") is not None:
+            from bnfold.quant_target import reach_cosine
+
+            int8, report, acc = reach_cosine(
+                model, cal, held_batches, opts["target_cosine"], (int8, report, acc), **qopts
+            )
     finally:
         bars.close()
     report.source = str(model)
@@ -228,6 +238,11 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     click.echo("")
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
     click.echo(acc.table())
+    if report.target is not None:
+        t = report.target
+        click.echo(f"target cosine {t['cosine']:g} {'met' if t['met'] else 'NOT met'} with "
+                   f"{len(t['float_nodes'])} node(s) kept in float: "
+                   f"{', '.join(t['float_nodes']) or '-'}")  # fmt: skip
     click.echo(f"wrote {outdir / name}, {outdir / REPORT}, {outdir / PLOT}")
     hints = _hints(report.options, outdir / name)
     quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"], hints)

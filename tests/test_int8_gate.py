@@ -109,3 +109,20 @@ def test_compile_int8_fails_the_gate_before_compiling(tmp_path: Path, capsys) ->
     assert code == 1, err
     assert err.strip().splitlines() == [err.strip()] and "int8 accuracy gate failed" in err
     assert not (out / "model.int8.onnx").exists() and not (out / "model.so").exists()
+
+
+def test_target_cosine_keeps_the_damaged_layers_in_float(tmp_path: Path, capsys) -> None:
+    """The starved model fails the gate with everything in int8; --target-cosine finds the
+    layers to keep in float, meets the target on the held-out samples and lists them."""
+    model, data = _files(tmp_path, starved=True)
+    out = tmp_path / "q"
+    code, err = _quantize(capsys, model, data, out, "--target-cosine", "0.99")
+    assert code == 0, err
+    report = json.loads((out / "quant_report.json").read_text())
+    target = report["target"]
+    assert target["met"] and report["accuracy"]["cosine"] >= 0.99
+    assert target["rounds"][0]["cosine"] < 0.9 and len(target["rounds"]) >= 2
+    assert target["float_nodes"]
+    floats = {r["node"] for r in report["layers"] if r["status"] == "float"}
+    assert set(target["float_nodes"]) <= floats
+    assert (out / "model.int8.onnx").is_file()
