@@ -17,7 +17,8 @@ depthwise conv; the pairs are equalized in turn until the scales stop changing.
 clip with per-channel bounds, which a Clip op cannot hold (its bounds are scalars). So, for a
 chain with a Clip (``lo <= 0 <= hi`` required, else the pair is declined):
 
-1. the scales are normalized to ``max_c s_c = 1``, so ``[s_c lo, s_c hi]`` lies inside
+1. the scales are normalized to ``max_c s_c = 1`` (over the live channels; a dead one, see
+   below, keeps ``s_c = 1``), so ``[s_c lo, s_c hi]`` lies inside
    ``[lo, hi]`` for every channel (a common factor changes neither weight's relative channel
    ranges, so per-tensor quantization of the weights sees no difference; it also keeps the
    activation range within the original ``[lo, hi]``);
@@ -28,6 +29,10 @@ So the result is exact in real arithmetic for every input, whether or not the bo
 reached; calibration data is not needed and no ReLU6 becomes a ReLU. ``Min``/``Max`` with a
 constant operand in a chain are rescaled the same way (so running the pass twice is exact too).
 Afterwards both weights' relative per-channel ranges ``r_c / max_c r_c`` are equal.
+
+A *dead* channel, whose weight range is below ``DEAD_FRACTION`` of its layer's largest (a BN
+with gamma ~ 0, folded), outputs its bias, a constant: it keeps ``s_c = 1`` (equalizing it would
+multiply that constant up to the whole activation range and zero the live channels' int8 values).
 
 Preconditions (each failing one is reported as a decline): Conv1's weight (and bias) and Conv2's
 weight are constant initializers; Conv1's output and every activation's output have one reader
@@ -64,6 +69,13 @@ BN_STATS_KEY = "bnfold.bn_output_stats"
 _HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu")
 _DTYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)
 _S_LIMIT = 1e6  # |log s| beyond this is a dead channel, not a range to equalize
+# A channel whose weight range is below this fraction of its layer's largest is switched off
+# (a folded BN with gamma ~ 0): its output is its bias, a constant. Equalizing it would give it
+# ``s ~ sqrt(r2 / r1)``, huge, and multiply that constant by ``s`` (or, under a Clip, divide
+# every other channel by it), so one constant channel fills the whole activation range and the
+# real channels quantize to 0. It keeps ``s = 1``. (Real small channels sit far above this:
+# the smallest in ImageNet MobileNetV2 is 4.5e-4 of its layer's largest.)
+DEAD_FRACTION = 1e-5
 
 
 @dataclasses.dataclass
@@ -200,15 +212,16 @@ def find_pair(first: ir.Node, layers: dict[ir.Node, _Layer]) -> Pair:
 def _step(pair: Pair) -> float:
     """Equalize one pair once; return ``max |log s|`` (0 when already equalized)."""
     r1, r2 = out_ranges(pair.first.w), in_ranges(pair.second.w, pair.second.group)
-    live = (r1 > 0) & (r2 > 0)
+    live = (r1 > DEAD_FRACTION * r1.max()) & (r2 > DEAD_FRACTION * r2.max())
     if not np.any(live):
         return 0.0
     s = np.ones_like(r1)
     s[live] = np.clip(np.sqrt(r2[live] / r1[live]), 1 / _S_LIMIT, _S_LIMIT)
     if pair.clip:
-        s /= s.max()
-    else:
-        s[~live] = 1.0
+        # Normalize over the live channels only: a dead channel left at 1 while every live one
+        # shrinks would make its constant output the largest value of the tensor.
+        s[live] /= s[live].max()
+    s[~live] = 1.0
     first, second = pair.first, pair.second
     first.w = _linear.conv_scale_out(first.w, s)
     if first.b is not None:

@@ -544,7 +544,9 @@ def test_cli_quantize_images_and_gate_failure(tmp_path: Path, cli_main, capsys) 
     code, _, err = _run(cli_main, args, capsys)
     assert code == 1
     assert err.strip().splitlines() == [err.strip()] and "accuracy gate failed" in err
-    assert (tmp_path / "q" / "model.int8.onnx").is_file()  # written before the gate
+    # Kept to inspect, never where a passing model goes.
+    assert (tmp_path / "q" / "model.int8.rejected.onnx").is_file()
+    assert not (tmp_path / "q" / "model.int8.onnx").exists()
 
 
 @pytest.mark.parametrize(

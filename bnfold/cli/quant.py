@@ -16,6 +16,10 @@ import click
 from bnfold.errors import BnfoldError
 
 INT8_MODEL = "model.int8.onnx"
+# Where the int8 model goes when it fails the accuracy gate: never at INT8_MODEL, so nothing
+# that picks up OUTDIR/model.int8.onnx (a script, a deploy step) takes a model that failed.
+REJECTED_MODEL = "model.int8.rejected.onnx"
+DEFAULT_MIN_COSINE = 0.9
 REPORT = "quant_report.json"
 PLOT = "sqnr.png"
 
@@ -110,10 +114,17 @@ QUANT_OPTIONS: tuple[Callable[[Any], Any], ...] = (
     click.option("--bgr", is_flag=True, help="Images: feed channels in BGR order."),
     click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
                  help="Images: the input layout (default: guessed from the model input)."),
+    click.option("--target-cosine", type=click.FloatRange(0, 1), default=None,
+                 help="Keep the layers that lose the most SQNR in float (more each round, up to "
+                      "6 more quantizations) until the held-out mean cosine reaches this; the "
+                      "report lists them."),
     click.option("--min-top1-agreement", type=click.FloatRange(0, 1), default=None,
                  help="Fail (exit 1) if int8 top-1 agrees with fp32 on fewer held-out samples."),
-    click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
-                 help="Fail (exit 1) if the mean cosine similarity of the outputs is lower."),
+    click.option("--min-cosine", type=click.FloatRange(0, 1), default=DEFAULT_MIN_COSINE,
+                 show_default=True,
+                 help="Fail (exit 1) if the mean cosine similarity of the int8 and fp32 outputs "
+                      "on the held-out samples is lower; the int8 model is then written as "
+                      f"{REJECTED_MODEL}, not {INT8_MODEL}. 0 disables it."),
 )  # fmt: skip
 
 
@@ -165,7 +176,8 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     """Everything ``bnfold quantize`` does, given its parsed options; returns the QuantReport.
 
     Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``, then applies the
-    accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1).
+    accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1); a model that fails it is
+    written as ``model.int8.rejected.onnx`` instead.
     """
     from bnfold import ir as bir
     from bnfold.atomic import write_bytes, write_json
@@ -193,31 +205,63 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
             held = _load(opts["eval_path"], specs, pre, opts["eval_size"], bars, "reading eval")
         else:
             cal, held = calib.split(samples, opts["eval_fraction"])
-        int8, report = quantize(
-            model, cal, per_channel=not opts["per_tensor"],
-            activation_type=opts["activation_type"], method=opts["method"], cle=opts["cle"],
-            bias_correction=opts["bias_correction"], exclude=opts["exclude"],
-            percentile=opts["percentile"], progress=bars,
+        qopts: dict[str, Any] = dict(
+            per_channel=not opts["per_tensor"], activation_type=opts["activation_type"],
+            method=opts["method"], cle=opts["cle"], bias_correction=opts["bias_correction"],
+            exclude=opts["exclude"], percentile=opts["percentile"],
         )  # fmt: skip
+        int8, report = quantize(model, cal, progress=bars, **qopts)
         held_batches = calib.batches(held, specs)
         n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
         acc = quant_report.evaluate(
             model, int8, report, held_batches, progress=bars.counter("evaluating", n_held)
         )
+        if opts.get("target_cosine") is not None:
+            from bnfold.quant_target import reach_cosine
+
+            int8, report, acc = reach_cosine(
+                model, cal, held_batches, opts["target_cosine"], (int8, report, acc), **qopts
+            )
     finally:
         bars.close()
     report.source = str(model)
+    failed = quant_report.gate_failures(acc, opts["min_top1_agreement"], opts["min_cosine"])
+    # A model that fails the gate is kept (to inspect, or to take anyway) but never where a
+    # passing one goes; a passing model from an earlier run there is removed, since the report
+    # next to it now describes this one.
+    name, stale = (REJECTED_MODEL, INT8_MODEL) if failed else (INT8_MODEL, REJECTED_MODEL)
     outdir.mkdir(parents=True, exist_ok=True)
-    write_bytes(outdir / INT8_MODEL, int8.SerializeToString(deterministic=True))
+    write_bytes(outdir / name, int8.SerializeToString(deterministic=True))
+    (outdir / stale).unlink(missing_ok=True)
     write_json(outdir / REPORT, report.to_dict())
     quant_report.plot_sqnr(report, acc, outdir / PLOT)
     click.echo(report.table())
     click.echo("")
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
     click.echo(acc.table())
-    click.echo(f"wrote {outdir / INT8_MODEL}, {outdir / REPORT}, {outdir / PLOT}")
-    quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"])
+    if report.target is not None:
+        t = report.target
+        click.echo(f"target cosine {t['cosine']:g} {'met' if t['met'] else 'NOT met'} with "
+                   f"{len(t['float_nodes'])} node(s) kept in float: "
+                   f"{', '.join(t['float_nodes']) or '-'}")  # fmt: skip
+    click.echo(f"wrote {outdir / name}, {outdir / REPORT}, {outdir / PLOT}")
+    hints = _hints(report.options, outdir / name)
+    quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"], hints)
     return report
+
+
+def _hints(options: dict[str, Any], rejected: Path) -> list[str]:
+    """What to try when the accuracy gate fails, given the options this run used."""
+    hints = []
+    if not options["per_channel"]:
+        hints.append("per-channel weights (without --per-tensor)")
+    if options["cle"]:
+        hints.append("--no-cle")
+    if options["method"] == "minmax":
+        hints.append("--method percentile")
+    hints.append("--exclude NODE for those layers")
+    hints.append(f"or --min-cosine 0 to accept it (kept as {rejected})")
+    return hints
 
 
 def _load(
@@ -244,7 +288,8 @@ def quantize_cmd(model: Path, outdir: Path, **opts: Any) -> None:
     activation ranges (onnxruntime's calibrators), bias correction, and int8 weights
     (per-channel unless --per-tensor). The int8 model is compared with MODEL on held-out
     samples (top-1/top-5 agreement, cosine similarity, per-layer SQNR); exit code 1 when a
-    --min-* gate fails.
+    --min-* gate fails (by default: mean cosine below 0.9), and the int8 model is then written
+    as model.int8.rejected.onnx, not model.int8.onnx.
     """
     run_quantize(model, outdir, **opts)
 

@@ -367,7 +367,10 @@ def rewrite(
             g = self.core(e)
             if isinstance(g, str):
                 return g
-            mult, shift = requant_params(g.acc_scale / s_y)
+            try:
+                mult, shift = requant_params(g.acc_scale / s_y)
+            except ValueError as err:  # a multiplier the fixed-point form cannot hold
+                return f"{g.kind}: {err}"
             clamp = _clamp(acts[::-1], g.n_out, s_y, int(z_y), out_dtype, g.kind == "conv2d")
             if isinstance(clamp, str):
                 return f"{g.kind}: {clamp}"

@@ -191,11 +191,16 @@ def evaluate(
                 agr.accuracy_fp32 = float(np.mean(top_ref == lab))
                 agr.accuracy_int8 = float(np.mean(b.argmax(axis=1) == lab))
         agreements.append(agr)
-    producers = {o: n.op_type for n in report.float_model.graph.node for o in n.output}
+    producers = {o: n for n in report.float_model.graph.node for o in n.output}
+    # A fused activation's tensor is its layer's output: name the layer (what --exclude takes).
+    into = {r["node"]: r["into"] for r in report.layers if r.get("into")}
     layers = [
         {
             "tensor": t["name"],
-            "producer": producers.get(t["name"], "input"),
+            "producer": producers[t["name"]].op_type if t["name"] in producers else "input",
+            "node": into.get(producers[t["name"]].name, producers[t["name"]].name)
+            if t["name"] in producers
+            else None,
             "sqnr_db": round(_db(s, e), 3),
             "scale": t["scale"],
         }
@@ -206,18 +211,47 @@ def evaluate(
     return acc
 
 
-def gate(acc: Accuracy, min_top1: float | None = None, min_cosine: float | None = None) -> None:
-    """Raise :class:`CheckFailed` (exit 1) when top-1 agreement or cosine is below its floor."""
+def gate_failures(
+    acc: Accuracy, min_top1: float | None = None, min_cosine: float | None = None
+) -> list[str]:
+    """What fails the accuracy gate (empty when it passes). ``min_cosine`` 0 (or less) or
+    None disables the cosine floor."""
     failed = []
     if min_top1 is not None:
         if acc.top1 is None:
             raise BnfoldError("--min-top1-agreement needs a classifier output (N, classes)")
         if acc.top1 < min_top1:
             failed.append(f"top-1 agreement {acc.top1:.4f} < {min_top1:g}")
-    if min_cosine is not None and acc.cosine < min_cosine:
+    if min_cosine is not None and min_cosine > 0 and acc.cosine < min_cosine:
         failed.append(f"cosine similarity {acc.cosine:.5f} < {min_cosine:g}")
-    if failed:
-        raise CheckFailed(f"int8 accuracy gate failed: {'; '.join(failed)}")
+    return failed
+
+
+def worst_layers(acc: Accuracy, n: int = 3) -> list[dict[str, Any]]:
+    """The ``n`` quantized tensors with the lowest SQNR (end to end), lowest first."""
+    return sorted(acc.layers, key=lambda r: r["sqnr_db"])[:n]
+
+
+def gate(
+    acc: Accuracy,
+    min_top1: float | None = None,
+    min_cosine: float | None = None,
+    hints: Sequence[str] = (),
+) -> None:
+    """Raise :class:`CheckFailed` (exit 1) when top-1 agreement or cosine is below its floor;
+    its one line names the worst layers by SQNR and ``hints`` (what to try)."""
+    failed = gate_failures(acc, min_top1, min_cosine)
+    if not failed:
+        return
+    msg = f"int8 accuracy gate failed on {acc.samples} held-out sample(s): {'; '.join(failed)}"
+    worst = worst_layers(acc)
+    if worst:
+        msg += "; lowest activation SQNR: " + ", ".join(
+            f"{r.get('node') or r['tensor']} {r['sqnr_db']:.1f} dB" for r in worst
+        )
+    if hints:
+        msg += f"; try {', '.join(hints)}"
+    raise CheckFailed(msg)
 
 
 def plot_sqnr(report: QuantReport, acc: Accuracy, path: str | os.PathLike[str]) -> None:
