@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold import lower
-from bnfold.quantize import quantize
+from bnfold.lower import compiler as lower
+from bnfold.quant.quantize import quantize
 from bnfold.testing import parse
 
 pytest.importorskip("tvm")

@@ -52,7 +52,7 @@ def _files(tmp_path: Path, starved: bool) -> tuple[Path, Path]:
 def _bnfold(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     """``bnfold ARGS`` through its entry point (one stderr line per failure); (code, stderr)."""
     from bnfold.cli import cli, main
-    from bnfold.cli_quant import COMMANDS
+    from bnfold.cli.quant import COMMANDS
 
     for command in COMMANDS:  # registered as bnfold.cli does
         if command.name not in cli.commands:

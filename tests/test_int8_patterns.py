@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bnfold.quant_report import evaluate
-from bnfold.quantize import quantize
+from bnfold.quant.quantize import quantize
+from bnfold.quant.report import evaluate
 from bnfold.testing import parse
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'

@@ -217,7 +217,7 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
             model, int8, report, held_batches, progress=bars.counter("evaluating", n_held)
         )
         if opts.get("target_cosine") is not None:
-            from bnfold.quant_target import reach_cosine
+            from bnfold.quant.target import reach_cosine
 
             int8, report, acc = reach_cosine(
                 model, cal, held_batches, opts["target_cosine"], (int8, report, acc), **qopts

@@ -75,7 +75,7 @@ class QuantReport:
     bias_correction: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     accuracy: dict[str, Any] | None = None
-    target: dict[str, Any] | None = None  # filled by bnfold.quant_target
+    target: dict[str, Any] | None = None  # filled by bnfold.quant.target
     float_model: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
 
     def counts(self) -> dict[str, int]:

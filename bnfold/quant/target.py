@@ -25,8 +25,8 @@ from typing import Any
 
 import onnx
 
-from bnfold.quant_report import Accuracy, evaluate
-from bnfold.quantize import QuantReport, quantize
+from bnfold.quant.quantize import QuantReport, quantize
+from bnfold.quant.report import Accuracy, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def reach_cosine(
     progress: Callable[[int], None] | None = None,
     **options: Any,
 ) -> tuple[onnx.ModelProto, QuantReport, Accuracy]:
-    """Quantize ``model`` with ``options`` (as :func:`bnfold.quantize.quantize`) keeping layers
-    in float until the held-out mean cosine reaches ``target`` (see module doc).
+    """Quantize ``model`` with ``options`` (as :func:`bnfold.quant.quantize.quantize`) keeping
+    layers in float until the held-out mean cosine reaches ``target`` (see module doc).
 
     Args:
         model: The fp32 model (path or proto).
