@@ -45,17 +45,11 @@ def cli(verbose: int) -> None:
 
 
 def _check_output_path(out: Path, *inputs: Path) -> None:
-    if any(out.resolve() == inp.resolve() for inp in inputs):
-        raise BnfoldError(f"{out}: output would overwrite the input model or another output")
-    if out.exists() and out.is_dir():
-        raise BnfoldError(f"{out}: is a directory")
-    # Fail before the work, not after it: the output's folder (or the nearest existing folder
-    # above it, where the rest will be created) must be a writable folder.
-    folder = next(p for p in (out.absolute().parent, *out.absolute().parents) if p.exists())
-    if not folder.is_dir():
-        raise BnfoldError(f"{out}: cannot write there, {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BnfoldError(f"{out}: cannot write there, no write permission on {folder}")
+    """Refuse, before any work, an output bnfold may not write (bnfold.outputs has the rule):
+    never an input, an input's external data, a device, FIFO, symlink or folder."""
+    from bnfold.outputs import check_destination, protected_files
+
+    check_destination(out, protected_files(*inputs))
 
 
 @cli.command()
@@ -104,6 +98,8 @@ def fold(
     from bnfold.atomic import write_json
 
     _check_output_path(output, model)
+    # With external data the output's tensors go to OUTPUT.data: never an input's file either.
+    _check_output_path(output.with_name(output.name + ".data"), model)
     if report:
         _check_output_path(report, model, output)
     t0 = time.perf_counter()
