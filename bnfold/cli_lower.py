@@ -148,28 +148,38 @@ def compile_cmd(
     quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
     from bnfold import lower
+    from bnfold.cli_quant import INT8_MODEL, INT8_OUTPUTS, run_quantize
+    from bnfold.outputs import check_folder, protected_files, staged_folder
 
-    if outdir.exists() and not outdir.is_dir():
-        raise BnfoldError(f"{outdir}: exists and is not a folder")
     if not int8 and quant["calib_path"] is not None:
         raise click.UsageError("--calib is for --int8 (quantize, then compile)")
-    source = model
-    if int8:
-        from bnfold.cli_quant import INT8_MODEL, run_quantize
-
-        if not model.is_file():
-            raise BnfoldError(f"{model}: no such model file")
-        run_quantize(model, outdir, **quant)
-        source = outdir / INT8_MODEL
-    try:
-        manifest = lower.compile_model(source, target, outdir, dict(shapes), verify,
-                                       inputs=inputs, atol=atol, rtol=rtol, random=n_random,
-                                       schedule=not no_schedule, threads=threads,
-                                       database=database, fold=not int8, integer=integer,
-                                       max_lsb=max_lsb)  # fmt: skip
-    except CheckFailed:
+    if not model.is_file():
+        raise BnfoldError(f"{model}: no such model file")
+    protected = protected_files(model)
+    names = (lower.FOLDED, lower.FOLDED + ".data", lower.MANIFEST, *(INT8_OUTPUTS if int8 else ()))
+    check_folder(outdir, names, protected)
+    # The outputs are one transaction: built in a temp folder beside OUTDIR and moved in at the
+    # end, so an error or interrupt leaves OUTDIR as it was (never a new folded model beside
+    # an old model.so and manifest). A failed verification still moves them in: the manifest
+    # records the failure.
+    failed: CheckFailed | None = None
+    with staged_folder(outdir, protected) as stage:
+        source = model
+        if int8:
+            run_quantize(model, stage, **quant)
+            source = stage / INT8_MODEL
+        try:
+            manifest = lower.compile_model(source, target, stage, dict(shapes), verify,
+                                           inputs=inputs, atol=atol, rtol=rtol, random=n_random,
+                                           schedule=not no_schedule, threads=threads,
+                                           database=database, fold=not int8, integer=integer,
+                                           max_lsb=max_lsb)  # fmt: skip
+        except CheckFailed as e:
+            failed = CheckFailed(str(e).replace(str(stage), str(outdir)))
+        _relocate_manifest(stage / lower.MANIFEST, stage, outdir)
+    if failed is not None:
         _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
-        raise
+        raise failed
     c, tvm_target = manifest.compile, manifest.target["tvm"]
     cpu = tvm_target.get("mcpu") or tvm_target.get("arch")
     click.echo(f"compiled {model} for {manifest.target['spec']} ({cpu}) in {c['seconds']:.1f} s, "
@@ -187,6 +197,26 @@ def compile_cmd(
     elif q:
         click.echo(f"  int8     float fake-quantization: {q['why']}")
     _echo_verification(manifest.verification)
+
+
+def _relocate_manifest(path: Path, staged: Path, final: Path) -> None:
+    """Rewrite the paths a manifest built in the staging folder records (``outdir``, an int8
+    ``source``) to where the folder ends up."""
+    from bnfold.atomic import write_json
+
+    if not path.is_file():
+        return
+
+    def fix(obj: Any) -> Any:
+        if isinstance(obj, str) and obj.startswith(str(staged)):
+            return str(final) + obj[len(str(staged)) :]
+        if isinstance(obj, dict):
+            return {k: fix(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fix(v) for v in obj]
+        return obj
+
+    write_json(path, fix(json.loads(path.read_text())))
 
 
 def _echo_verification(v: dict[str, Any]) -> None:

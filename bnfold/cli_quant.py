@@ -13,11 +13,10 @@ from typing import Any
 
 import click
 
-from bnfold.errors import BnfoldError
-
 INT8_MODEL = "model.int8.onnx"
 REPORT = "quant_report.json"
 PLOT = "sqnr.png"
+INT8_OUTPUTS = (INT8_MODEL, REPORT, PLOT)
 
 
 class SizeType(click.ParamType):
@@ -170,14 +169,13 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     from bnfold import calib, quant_report
     from bnfold import ir as bir
     from bnfold.atomic import write_bytes, write_json
+    from bnfold.outputs import check_folder, protected_files, staged_folder
     from bnfold.quantize import quantize
 
     if opts["calib_path"] is None:
         raise click.UsageError("int8 quantization needs --calib DATA (images, .npz or .npy)")
-    if outdir.exists() and not outdir.is_dir():
-        raise BnfoldError(f"{outdir}: exists and is not a folder")
-    if (outdir / INT8_MODEL).resolve() == model.resolve():
-        raise BnfoldError(f"{outdir / INT8_MODEL}: would overwrite the input model")
+    protected = protected_files(model)
+    check_folder(outdir, INT8_OUTPUTS, protected)
     proto = bir.load_proto(model)
     specs = calib.input_specs(proto)
     pre = calib.Preprocess(
@@ -206,10 +204,12 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     finally:
         bars.close()
     report.source = str(model)
-    outdir.mkdir(parents=True, exist_ok=True)
-    write_bytes(outdir / INT8_MODEL, int8.SerializeToString(deterministic=True))
-    write_json(outdir / REPORT, report.to_dict())
-    quant_report.plot_sqnr(report, acc, outdir / PLOT)
+    # The three outputs appear together or not at all (an interrupt while writing the plot
+    # left the model and report without it).
+    with staged_folder(outdir, protected) as stage:
+        write_bytes(stage / INT8_MODEL, int8.SerializeToString(deterministic=True))
+        write_json(stage / REPORT, report.to_dict())
+        quant_report.plot_sqnr(report, acc, stage / PLOT)
     click.echo(report.table())
     click.echo("")
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
