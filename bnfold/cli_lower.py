@@ -274,18 +274,23 @@ def run_cmd(
     qemu-aarch64-static (the runner is built and cached on first use, which takes a minute);
     CUDA needs a GPU.
     """
+    import zipfile
+
     import numpy as np
 
     from bnfold import runtime
     from bnfold.atomic import atomic_path
 
+    if output is not None:  # never over the inputs file or the compiled folder's own files
+        from bnfold.outputs import check_destination
+
+        folder = sorted(outdir.iterdir()) if outdir.is_dir() else []
+        check_destination(output, [*folder, *([inputs] if inputs is not None else [])])
     model = runtime.load(outdir, threads=threads)
-    if inputs is not None:
-        try:
-            with np.load(inputs, allow_pickle=False) as data:
-                feeds = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise BnfoldError(f"{inputs}: cannot read inputs ({str(e).splitlines()[0]})") from None
+    if inputs is not None:  # .npz or .npy, as verify reads them
+        from bnfold.check import load_arrays
+
+        feeds = load_arrays(inputs, [s.name for s in model.inputs])
     else:
         rng = np.random.default_rng(0)
         feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}
@@ -303,8 +308,12 @@ def run_cmd(
         stats = f"min {a.min():.4g} max {a.max():.4g} mean {a.mean():.4g}" if a.size else "empty"
         click.echo(f"  {name}: {a.dtype}{list(a.shape)} {stats}")
     if output is not None:
-        with atomic_path(output, suffix=".npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **outs)
+        # What np.savez does, by hand: np.savez(f, **outs) breaks on an output named like
+        # one of its own parameters ('file', 'allow_pickle').
+        with atomic_path(output, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w") as z:
+            for name, a in outs.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
         click.echo(f"wrote {output}")
 
 
