@@ -85,6 +85,10 @@ def deploy_cmd(
 
     if not rpc and not tracker:
         raise click.UsageError("give --rpc HOST:PORT, or --tracker HOST:PORT with --key")
+    if json_out is not None:  # never over the inputs or the compiled folder's own files
+        from bnfold.outputs import check_side_output
+
+        check_side_output(json_out, outdir, inputs)
     result = deploy.deploy(
         outdir,
         rpc,

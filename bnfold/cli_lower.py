@@ -282,10 +282,9 @@ def run_cmd(
     from bnfold.atomic import atomic_path
 
     if output is not None:  # never over the inputs file or the compiled folder's own files
-        from bnfold.outputs import check_destination
+        from bnfold.outputs import check_side_output
 
-        folder = sorted(outdir.iterdir()) if outdir.is_dir() else []
-        check_destination(output, [*folder, *([inputs] if inputs is not None else [])])
+        check_side_output(output, outdir, inputs)
     model = runtime.load(outdir, threads=threads)
     if inputs is not None:  # .npz or .npy, as verify reads them
         from bnfold.check import load_arrays

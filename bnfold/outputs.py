@@ -75,9 +75,9 @@ def check_destination(path: Path, protected: Iterable[Path] = ()) -> None:
     """Raise :class:`BnfoldError` unless bnfold may (over)write ``path`` (module docstring)."""
     try:
         st: os.stat_result | None = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (the folder check below says which)
         st = None
-    except OSError as e:  # a name too long, a file where a folder should be...
+    except OSError as e:  # a name too long, a symlink loop...
         raise BnfoldError(f"{path}: cannot write there ({e.strerror})") from None
     if st is not None:
         if stat.S_ISLNK(st.st_mode):
@@ -102,6 +102,13 @@ def check_destination(path: Path, protected: Iterable[Path] = ()) -> None:
         raise BnfoldError(f"{path}: cannot write there, {folder} is not a directory")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise BnfoldError(f"{path}: cannot write there, no write permission on {folder}")
+
+
+def check_side_output(path: Path, folder: Path, *inputs: Path | None) -> None:
+    """Check a file a command writes about a compiled ``folder`` (``run -o``, ``deploy
+    --json``): never over one of the folder's own files or an input."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    check_destination(path, [*entries, *(p for p in inputs if p is not None)])
 
 
 def check_folder(outdir: Path, names: Iterable[str], protected: Iterable[Path] = ()) -> None:
