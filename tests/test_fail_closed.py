@@ -693,3 +693,16 @@ def test_deploy_server_dying_after_the_check_run(
         stop([server])
     assert code == 2 and len(lines) == 1, lines
     assert "RPC" in lines[0]
+
+
+@pytest.mark.parametrize("target", ["model.so", "manifest.json", "x.npz"])
+def test_run_output_never_over_the_folder_or_the_inputs(
+    target: str, compiled: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "out"
+    shutil.copytree(compiled, folder)
+    np.savez(folder / "x.npz", x=np.zeros((1, 3, 8, 8), np.float32))
+    before = snapshot(folder)
+    argv = ["run", folder, "--inputs", folder / "x.npz", "-o", folder / target]
+    assert_refused(run_cli(argv, capfd), "would overwrite")
+    assert snapshot(folder) == before
