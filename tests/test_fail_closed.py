@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -218,12 +219,14 @@ def _external_model(folder: Path, name: str = "ext.onnx", c: int = 64) -> Path:
         (["-o", "ext.onnx.data"], "would overwrite"),
         (["-o", "x.onnx", "--report", "ext.onnx.data"], "would overwrite"),
         (["-o", "fifo"], "not a regular file"),
+        (["-o", "null-device"], "not a regular file"),
         (["-o", "link.onnx"], "symbolic link"),
         (["-o", "dangling.onnx"], "symbolic link"),
         (["-o", "sub/ext.onnx.data/../x.onnx"], ""),
         (["-o", "data-dir.onnx", "--external-data"], "is a directory"),
     ],
-    ids=["output-is-input-data", "report-is-input-data", "fifo", "symlink", "dangling-symlink",
+    ids=["output-is-input-data", "report-is-input-data", "fifo", "device", "symlink",
+         "dangling-symlink",
          "path-through-missing-folder", "external-data-over-a-folder"],
 )  # fmt: skip
 def test_fold_never_writes_what_it_does_not_own(
@@ -235,6 +238,11 @@ def test_fold_never_writes_what_it_does_not_own(
 ) -> None:
     model = _external_model(tmp_path)
     os.mkfifo(tmp_path / "fifo")
+    if "null-device" in args:  # a character device like /dev/null, made here (a regression
+        try:  # then replaces this node, not the system's)
+            os.mknod(tmp_path / "null-device", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        except PermissionError:
+            pytest.skip("creating a device node needs root")
     (tmp_path / "target.txt").write_text("not bnfold's")
     os.symlink("target.txt", tmp_path / "link.onnx")
     os.symlink("nowhere.txt", tmp_path / "dangling.onnx")
