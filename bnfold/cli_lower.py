@@ -166,7 +166,7 @@ def compile_cmd(
     with staged_folder(outdir, protected) as stage:
         source = model
         if int8:
-            run_quantize(model, stage, **quant)
+            run_quantize(model, stage, shown_as=outdir, **quant)
             source = stage / INT8_MODEL
         try:
             manifest = lower.compile_model(source, target, stage, dict(shapes), verify,

@@ -160,11 +160,12 @@ class _Bars:
         return tick
 
 
-def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
+def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts: Any) -> Any:
     """Everything ``bnfold quantize`` does, given its parsed options; returns the QuantReport.
 
     Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``, then applies the
-    accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1).
+    accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1). ``shown_as``: the folder named
+    in the output (``compile --int8`` writes into its temp folder, moved to OUTDIR later).
     """
     from bnfold import calib, quant_report
     from bnfold import ir as bir
@@ -214,7 +215,8 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     click.echo("")
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
     click.echo(acc.table())
-    click.echo(f"wrote {outdir / INT8_MODEL}, {outdir / REPORT}, {outdir / PLOT}")
+    shown = shown_as or outdir
+    click.echo(f"wrote {shown / INT8_MODEL}, {shown / REPORT}, {shown / PLOT}")
     quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"])
     return report
 
