@@ -141,8 +141,12 @@ def random_inputs(
 
 def load_inputs(path: str | os.PathLike[str], proto: onnx.ModelProto) -> Feeds:
     """Read an ``.npz`` (one array per input name) or ``.npy`` (single-input models)."""
+    return load_arrays(path, [i.name for i in graph_inputs(proto)])
+
+
+def load_arrays(path: str | os.PathLike[str], names: list[str]) -> Feeds:
+    """Read an ``.npz`` (one array per name in ``names``) or an ``.npy`` (one name only)."""
     p = Path(path)
-    names = [i.name for i in graph_inputs(proto)]
     if not p.is_file():
         raise BnfoldError(f"{p}: no such inputs file")
     try:
@@ -174,7 +178,8 @@ def run_onnxruntime(
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    # 4 (fatal only): its errors reach the user as one BnfoldError line, not as its own log.
+    so.log_severity_level = 4
     if threads:
         so.intra_op_num_threads = threads
     try:
@@ -262,8 +267,14 @@ class VerifyResult:
 def _metrics(
     name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float
 ) -> OutputMetrics:
-    if ref.shape != got.shape:
-        raise BnfoldError(f"output '{name}': shapes differ, {ref.shape} vs {got.shape}")
+    for what, value in (("reference", ref), ("candidate", got)):
+        if not isinstance(value, np.ndarray | np.generic):
+            raise BnfoldError(
+                f"output '{name}' of the {what} is a {type(value).__name__}, not a tensor "
+                "(a sequence or map output): verify compares tensor outputs only"
+            )
+    if np.shape(ref) != np.shape(got):
+        raise BnfoldError(f"output '{name}': shapes differ, {np.shape(ref)} vs {np.shape(got)}")
     a = np.asarray(ref, np.float64)
     b = np.asarray(got, np.float64)
     finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
@@ -331,6 +342,12 @@ def _split_batches(proto: onnx.ModelProto, feeds: Feeds) -> list[Feeds]:
     return [{k: v[i : i + b] for k, v in feeds.items()} for i in range(0, n, b)]
 
 
+def _samples(feeds: Feeds) -> int:
+    """Samples in one feed set: the first array's first dimension (1 for a 0-d input)."""
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else 1
+
+
 def verify(
     reference: ModelLike,
     candidate: ModelLike | Callable[[Feeds], dict[str, np.ndarray]],
@@ -369,6 +386,8 @@ def verify(
     else:
         feeds = load_inputs(inputs, ref_proto) if not isinstance(inputs, dict) else dict(inputs)
         feed_sets = _split_batches(ref_proto, feeds)
+        if not feed_sets:
+            raise BnfoldError(f"{inputs}: holds no samples (its arrays have 0 rows)")
     ref_bytes = _model_bytes(ref_proto)
     if callable(candidate) and not isinstance(candidate, (onnx.ModelProto, bytes)):
         run_candidate = candidate
@@ -382,7 +401,7 @@ def verify(
     cand_runs = [run_candidate(f) for f in feed_sets]
     result = compare_outputs(_concat(ref_runs), _concat(cand_runs), atol, rtol)
     result.samples = (
-        sum(next(iter(f.values())).shape[0] if f else 1 for f in feed_sets)
+        sum(_samples(f) for f in feed_sets)
         if inputs is not None
         else len(feed_sets)
     )

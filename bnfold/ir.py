@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from google.protobuf.message import Message
 
 from bnfold.atomic import write_bytes
 from bnfold.errors import BnfoldError
+from bnfold.outputs import check_destination
 
 logger = logging.getLogger(__name__)
 
@@ -339,8 +341,16 @@ def from_proto(proto: onnx.ModelProto, *, source: str = "<model>") -> ir.Model:
 
 
 def _check_batchnorms(model: ir.Model, source: str) -> None:
-    """Refuse models whose BatchNormalization cannot mean inference (training mode, dtype)."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    """Refuse models whose BatchNormalization cannot mean inference (training mode, dtype).
+
+    Every BN counts: the main graph, its subgraphs, and the model-local functions. Training mode
+    has two spellings: ``training_mode=1`` (opset 14+), and outputs 1..4 (running mean/var and
+    saved mean/var), which ONNX defines only in training mode; that is what torch writes for a
+    model left in ``train()`` at opsets 7-13. Such a BN normalizes with the batch statistics,
+    so folding its running statistics would change the results.
+    """
+    graphs = [model.graph, *model.functions.values()]
+    for node in (n for g in graphs for n in ir.traversal.RecursiveGraphIterator(g)):
         if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
             continue
         label = node.name or (node.outputs[0].name if node.outputs else "?")
@@ -348,6 +358,12 @@ def _check_batchnorms(model: ir.Model, source: str) -> None:
             raise BnfoldError(
                 f"{source}: BatchNormalization '{label}' is in training mode (training_mode=1); "
                 "export the model in eval mode"
+            )
+        extra = [v.name for v in node.outputs[1:] if v is not None and v.name]
+        if extra:
+            raise BnfoldError(
+                f"{source}: BatchNormalization '{label}' is in training mode (it has the "
+                f"training-only outputs {extra}); export the model in eval mode"
             )
         x = node.inputs[0] if node.inputs else None
         dtype = x.dtype if x is not None else None
@@ -439,13 +455,18 @@ def save(
         return
     # External data: write both files into a temp folder beside the target, then rename the
     # data first and the model last, so a visible model file always has its complete data.
-    target.parent.mkdir(parents=True, exist_ok=True)
     data_name = target.name + ".data"
+    for written in (target, target.parent / data_name):
+        check_destination(written)  # a folder named like the data file is not bnfold's
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        onnx.external_data_helper.convert_model_to_external_data(
-            proto, all_tensors_to_one_file=True, location=data_name, size_threshold=1024
-        )
+        # What convert_model_to_external_data does, without its check that `data_name` does
+        # not exist relative to the *working directory* (a second fold from the folder that
+        # holds the first output's data file failed with FileExistsError).
+        for tensor in onnx.external_data_helper._get_initializer_tensors(proto):
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= 1024:
+                onnx.external_data_helper.set_external_data(tensor, data_name)
         onnx.external_data_helper.write_external_data_tensors(proto, str(tmp_dir))
         (tmp_dir / target.name).write_bytes(proto.SerializeToString(deterministic=True))
         umask = os.umask(0)

@@ -191,11 +191,82 @@ def read_manifest(outdir: str | os.PathLike[str]) -> dict[str, Any]:
     """The manifest of a compiled model folder; raises :class:`BnfoldError` if absent/unreadable."""
     path = Path(outdir) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise BnfoldError(f"{outdir} holds no {MANIFEST}: not a `bnfold compile` output") from None
     except (OSError, ValueError) as e:
         raise BnfoldError(f"cannot read {path}: {e}") from None
+    why = _manifest_problem(manifest)
+    if why:
+        raise BnfoldError(f"{path}: not a valid `bnfold compile` manifest ({why})")
+    return manifest
+
+
+def _manifest_problem(manifest: Any) -> str:
+    """What makes ``manifest`` unusable for loading and running ('' if nothing).
+
+    The manifest is a file the user hands over: every field bnfold reads is checked here, once,
+    so that a hand-edited or foreign one is a one-line error instead of a KeyError.
+    """
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    target = manifest.get("target")
+    if not isinstance(target, dict) or not all(
+        isinstance(target.get(k), str) for k in ("spec", "arch", "device")
+    ):
+        return "no target with spec, arch and device"
+    if not isinstance(target.get("tvm", {}), dict):
+        return "target.tvm is not an object"
+    runtime = manifest.get("runtime") or {}
+    threads = runtime.get("threads") if isinstance(runtime, dict) else "?"
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        return "runtime.threads is not a positive integer"
+    files = (manifest.get("artifact") or {}).get("files") if isinstance(
+        manifest.get("artifact"), dict) else None  # fmt: skip
+    if not isinstance(files, dict) or not isinstance(files.get("library"), str):
+        return "no artifact library"
+    if any(not isinstance(f, str) or Path(f).name != f for f in files.values()):
+        return "an artifact file name is not a plain name in the folder"
+    for key in ("inputs", "outputs"):
+        specs = manifest.get(key)
+        if not isinstance(specs, list):
+            return f"no {key} list"
+        for spec in specs:
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                return f"an entry of {key} has no name"
+            shape = spec.get("shape")
+            if not isinstance(shape, list) or any(
+                not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape
+            ):
+                return f"{key[:-1]} '{spec['name']}' has no shape of non-negative integers"
+            try:
+                np.dtype(spec.get("dtype"))
+            except TypeError:
+                return f"{key[:-1]} '{spec['name']}' has an unknown dtype"
+    return ""
+
+
+def check_artifact(outdir: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an artifact file that is missing or differs from the manifest's sha256.
+
+    Loading a truncated shared library can kill the process with SIGBUS (no message at all);
+    a checksum mismatch is found before the library is mapped.
+    """
+    sums = manifest["artifact"].get("sha256") or {}
+    for name in manifest["artifact"]["files"].values():
+        path = outdir / name
+        if not path.is_file():
+            raise BnfoldError(f"{path}: missing; the folder is not a complete compile output")
+        want = sums.get(name) if isinstance(sums, dict) else None
+        if want is not None:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != want:
+                raise BnfoldError(
+                    f"{path}: does not match the manifest's sha256 (truncated or modified)"
+                )
 
 
 class CompiledModel(abc.ABC):
@@ -411,6 +482,7 @@ def load(
     """
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
+    check_artifact(outdir, manifest)
     if threads is None:
         threads = (manifest.get("runtime") or {}).get("threads")
     arch = manifest["target"]["arch"]

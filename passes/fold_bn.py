@@ -413,7 +413,7 @@ def _fold_backward(
     # Through a Concat/MaxPool/Resize that op stays and carries the result; directly, the
     # site's output (or a new bias Add after a MatMul) does.
     direct = len(pairs) == 1 and pairs[0][0] is aff
-    _bypass(graph, aff.node, finals[0] if direct else aff.x)
+    _bypass(graph, namer, aff.node, finals[0] if direct else aff.x)
     return [name for name, _ in plans]
 
 
@@ -442,28 +442,29 @@ def _append_add(
     if out.is_graph_output():
         name = out.name
         graph.outputs[list(graph.outputs).index(out)] = result
-        out.name = f"{name}.bnfold_replaced"
+        # The namer: a value of the model may already be called "<name>.bnfold_replaced".
+        out.name = namer(f"{name}.bnfold_replaced")
         tensor_map(graph).pop(result.name, None)
         result.name = name
     return add
 
 
-def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+def _replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, namer: Namer) -> None:
     """Send every user of ``old`` to ``new``; if ``old`` is a graph output, ``new`` takes its
     place and its name (graph outputs keep their names). Noted in the tensor map."""
     name = old.name
     was_output = old.is_graph_output()
     ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     if was_output:
-        old.name = f"{name}.bnfold_replaced"
+        old.name = namer(f"{name}.bnfold_replaced")
         tensor_map(graph).pop(new.name, None)
         new.name = name
     note_replaced(graph, name, new.name)
 
 
-def _bypass(graph: ir.Graph, node: ir.Node, replacement: ir.Value) -> None:
+def _bypass(graph: ir.Graph, namer: Namer, node: ir.Node, replacement: ir.Value) -> None:
     """Remove single-output ``node``, sending its users to ``replacement`` (output names kept)."""
-    _replace_value(graph, node.outputs[0], replacement)
+    _replace_value(graph, node.outputs[0], replacement, namer)
     graph.remove(node, safe=True)
 
 
@@ -601,7 +602,7 @@ def _to_mul_add(graph: ir.Graph, namer: Namer, aff: Affine) -> None:
     mul = ir.Node("", "Mul", [aff.x, s_val], outputs=[mid], name=namer(f"{base}_mul"))
     add = ir.Node("", "Add", [mid, t_val], outputs=[res], name=namer(f"{base}_add"))
     graph.insert_after(node, [mul, add])
-    _bypass(graph, node, res)
+    _bypass(graph, namer, node, res)
 
 
 class FoldBn(ir.passes.InPlacePass):
@@ -689,4 +690,17 @@ class FoldBn(ir.passes.InPlacePass):
                         reason="inside a subgraph (If/Loop/Scan body); not folded",
                     )
                 )
+        # BNs in model-local functions are reported too (inspect counts them), not folded: a
+        # function's weights are its inputs, not constants of the graph.
+        for function in model.functions.values():
+            for node in ir.traversal.RecursiveGraphIterator(function):
+                if is_onnx_op(node, "BatchNormalization"):
+                    result.declined.append(
+                        Record(
+                            f"{function.name}/{label(node)}",
+                            "BatchNormalization",
+                            "kept",
+                            reason="inside a model-local function; not folded",
+                        )
+                    )
         return result

@@ -343,7 +343,7 @@ def _rewrite(
         root.replace_input_with(0, acc)
         root.replace_input_with(1, others[-1])
     else:
-        replace_value(graph, root.outputs[0], acc)
+        replace_value(graph, root.outputs[0], acc, namer)
     for node in reversed(list(graph)):
         if node in dead:
             graph.remove(node, safe=True)

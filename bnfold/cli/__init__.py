@@ -23,7 +23,7 @@ import click
 
 from bnfold import __version__
 from bnfold.cli import deploy, fold, lower, quant
-from bnfold.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BnfoldError
+from bnfold.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BnfoldError, one_line
 
 REPORT_URL = "https://github.com/bnfold/bnfold/issues"
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.exceptions.NoArgsIsHelpError):
             e.show()  # `bnfold` alone prints the help
         else:  # a usage error is one line, like every other bad input
-            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            _error_line(f"error: {' '.join(e.format_message().split())}")
         # Every ClickException is bad input or usage; click's own default code is 1, which here
         # would read as "a check failed".
         sys.exit(EXIT_BAD_INPUT if e.exit_code != 0 else 0)
@@ -102,8 +102,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("aborted", err=True)
         sys.exit(EXIT_BAD_INPUT)
     except BnfoldError as e:
-        click.echo(f"error: {e}", err=True)
+        _error_line(f"error: {e}")
         sys.exit(e.exit_code)
+    except MemoryError as e:
+        # A model or input that declares more data than this machine holds (a huge input
+        # shape): the input is the problem, not bnfold.
+        _error_line(f"error: out of memory ({e or 'the model or its inputs are too large'})")
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             _internal_error(e)
         # The file system said no (permissions, a full disk, a read-only mount): bad input.
         where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e}", err=True)
+        _error_line(f"error: {where}{e.strerror or e}")
         sys.exit(EXIT_BAD_INPUT)
     except BaseException as e:
         _internal_error(e)
@@ -135,15 +140,19 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+def _error_line(message: str) -> None:
+    """Print an error message: the one place, so that each is one sanitized line."""
+    click.echo(one_line(message), err=True)
+
+
 def _internal_error(e: BaseException) -> NoReturn:
     """A bug: one line, exit 3; the traceback only with BNFOLD_DEBUG=1."""
     if os.environ.get("BNFOLD_DEBUG"):
         raise e
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    click.echo(
+    _error_line(
         f"internal error: {type(e).__name__}: {msg} (set BNFOLD_DEBUG=1 for the traceback "
-        f"and report it at {REPORT_URL})",
-        err=True,
+        f"and report it at {REPORT_URL})"
     )
     sys.exit(EXIT_INTERNAL)
 

@@ -54,6 +54,10 @@ from bnfold.errors import BnfoldError, CheckFailed
 @click.option("--max-lsb", type=click.IntRange(min=0), default=1, show_default=True,
               help="int8 artifacts: the gate, every quantized tensor within this many "
                    "quantization steps of onnxruntime's, layer by layer (as in compile).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300,
+              show_default=True, metavar="S",
+              help="Seconds each RPC call (connect, upload, load, a run, the timing) may take "
+                   "before deploy gives up (exit 2).")  # fmt: skip
 @tolerance_options(atol=0.0, rtol=1e-4, what="the gate")
 def deploy_cmd(
     outdir: Path,
@@ -65,6 +69,7 @@ def deploy_cmd(
     warmup: int,
     json_out: Path | None,
     max_lsb: int,
+    timeout: float,
     atol: float,
     rtol: float,
 ) -> None:
@@ -81,6 +86,10 @@ def deploy_cmd(
 
     if not rpc and not tracker:
         raise click.UsageError("give --rpc HOST:PORT, or --tracker HOST:PORT with --key")
+    if json_out is not None:  # never over the inputs or the compiled folder's own files
+        from bnfold.outputs import check_side_output
+
+        check_side_output(json_out, outdir, inputs)
     result = deploy.deploy(
         outdir,
         rpc,
@@ -92,6 +101,7 @@ def deploy_cmd(
         warmup=warmup,
         repeat=repeat,
         max_lsb=max_lsb,
+        timeout=timeout,
     )
     ref = "the original model" if not result.reference_note else "model.folded.onnx"
     click.echo(

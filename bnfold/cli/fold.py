@@ -7,7 +7,6 @@ at module level, so that ``bnfold --help`` starts fast.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,11 @@ model_arg = click.argument("model", type=click.Path(dir_okay=False, path_type=Pa
 
 
 def check_output_path(out: Path, *inputs: Path) -> None:
-    if any(out.resolve() == inp.resolve() for inp in inputs):
-        raise BnfoldError(f"{out}: output would overwrite the input model or another output")
-    if out.exists() and out.is_dir():
-        raise BnfoldError(f"{out}: is a directory")
-    # Fail before the work, not after it: the output's folder (or the nearest existing folder
-    # above it, where the rest will be created) must be a writable folder.
-    folder = next(p for p in (out.absolute().parent, *out.absolute().parents) if p.exists())
-    if not folder.is_dir():
-        raise BnfoldError(f"{out}: cannot write there, {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BnfoldError(f"{out}: cannot write there, no write permission on {folder}")
+    """Refuse, before any work, an output bnfold may not write (bnfold.outputs has the rule):
+    never an input, an input's external data, a device, FIFO, symlink or folder."""
+    from bnfold.outputs import check_destination, protected_files
+
+    check_destination(out, protected_files(*inputs))
 
 
 @click.command("fold")
@@ -80,6 +73,8 @@ def fold(
     from bnfold.atomic import write_json
 
     check_output_path(output, model)
+    # With external data the output's tensors go to OUTPUT.data: never an input's file either.
+    check_output_path(output.with_name(output.name + ".data"), model)
     if report:
         check_output_path(report, model, output)
     t0 = time.perf_counter()

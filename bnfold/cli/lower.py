@@ -6,6 +6,7 @@ here at module level (tvm takes seconds to import; onnx a fraction of one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -148,32 +149,40 @@ def compile_cmd(
     integer kernels. A QDQ model (from --int8 or given) is verified layer by layer: each
     quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
+    from bnfold.cli.quant import INT8_MODEL, INT8_OUTPUTS, run_quantize
     from bnfold.lower import compiler as lower
+    from bnfold.outputs import check_folder, protected_files, staged_folder
 
-    if outdir.exists() and not outdir.is_dir():
-        raise BnfoldError(f"{outdir}: exists and is not a folder")
     if not int8 and quant["calib_path"] is not None:
         raise click.UsageError("--calib is for --int8 (quantize, then compile)")
-    source = model
-    if int8:
-        from bnfold.cli.quant import INT8_MODEL, run_quantize
-
-        if not model.is_file():
-            raise BnfoldError(f"{model}: no such model file")
-        run_quantize(model, outdir, **quant)
-        source = outdir / INT8_MODEL
+    if not model.is_file():
+        raise BnfoldError(f"{model}: no such model file")
+    protected = protected_files(model)
+    names = (lower.FOLDED, lower.FOLDED + ".data", lower.MANIFEST, *(INT8_OUTPUTS if int8 else ()))
+    check_folder(outdir, names, protected)
+    # The outputs are one transaction: built in a temp folder beside OUTDIR and moved in at the
+    # end, so an error or interrupt leaves OUTDIR as it was (never a new folded model beside
+    # an old model.so and manifest). A failed verification still moves them in: the manifest
+    # records the failure.
+    failed: CheckFailed | None = None
     display = StepDisplay()
-    try:
-        manifest = lower.compile_model(source, target, outdir, dict(shapes), verify,
-                                       inputs=inputs, atol=atol, rtol=rtol, random=n_random,
-                                       schedule=not no_schedule, threads=threads,
-                                       database=database, fold=not int8, integer=integer,
-                                       max_lsb=max_lsb, progress=display)  # fmt: skip
-    except CheckFailed:
+    with staged_folder(outdir, protected) as stage, contextlib.closing(display):
+        source = model
+        if int8:
+            run_quantize(model, stage, shown_as=outdir, **quant)
+            source = stage / INT8_MODEL
+        try:
+            manifest = lower.compile_model(source, target, stage, dict(shapes), verify,
+                                           inputs=inputs, atol=atol, rtol=rtol, random=n_random,
+                                           schedule=not no_schedule, threads=threads,
+                                           database=database, fold=not int8, integer=integer,
+                                           max_lsb=max_lsb, progress=display)  # fmt: skip
+        except CheckFailed as e:
+            failed = CheckFailed(str(e).replace(str(stage), str(outdir)))
+        _relocate_manifest(stage / lower.MANIFEST, stage, outdir)
+    if failed is not None:
         _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
-        raise
-    finally:
-        display.close()
+        raise failed
     c, tvm_target = manifest.compile, manifest.target["tvm"]
     cpu = tvm_target.get("mcpu") or tvm_target.get("arch")
     click.echo(f"compiled {model} for {manifest.target['spec']} ({cpu}) in {c['seconds']:.1f} s, "
@@ -191,6 +200,26 @@ def compile_cmd(
     elif q:
         click.echo(f"  int8     float fake-quantization: {q['why']}")
     _echo_verification(manifest.verification)
+
+
+def _relocate_manifest(path: Path, staged: Path, final: Path) -> None:
+    """Rewrite the paths a manifest built in the staging folder records (``outdir``, an int8
+    ``source``) to where the folder ends up."""
+    from bnfold.atomic import write_json
+
+    if not path.is_file():
+        return
+
+    def fix(obj: Any) -> Any:
+        if isinstance(obj, str) and obj.startswith(str(staged)):
+            return str(final) + obj[len(str(staged)) :]
+        if isinstance(obj, dict):
+            return {k: fix(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fix(v) for v in obj]
+        return obj
+
+    write_json(path, fix(json.loads(path.read_text())))
 
 
 def _echo_verification(v: dict[str, Any]) -> None:
@@ -248,18 +277,22 @@ def run_cmd(
     qemu-aarch64-static (the runner is built and cached on first use, which takes a minute);
     CUDA needs a GPU.
     """
+    import zipfile
+
     import numpy as np
 
     from bnfold import runtime
     from bnfold.atomic import atomic_path
 
+    if output is not None:  # never over the inputs file or the compiled folder's own files
+        from bnfold.outputs import check_side_output
+
+        check_side_output(output, outdir, inputs)
     model = runtime.load(outdir, threads=threads)
-    if inputs is not None:
-        try:
-            with np.load(inputs, allow_pickle=False) as data:
-                feeds = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise BnfoldError(f"{inputs}: cannot read inputs ({str(e).splitlines()[0]})") from None
+    if inputs is not None:  # .npz or .npy, as verify reads them
+        from bnfold.check import load_arrays
+
+        feeds = load_arrays(inputs, [s.name for s in model.inputs])
     else:
         rng = np.random.default_rng(0)
         feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in model.inputs}
@@ -277,8 +310,12 @@ def run_cmd(
         stats = f"min {a.min():.4g} max {a.max():.4g} mean {a.mean():.4g}" if a.size else "empty"
         click.echo(f"  {name}: {a.dtype}{list(a.shape)} {stats}")
     if output is not None:
-        with atomic_path(output, suffix=".npz") as tmp, open(tmp, "wb") as f:
-            np.savez(f, **outs)
+        # What np.savez does, by hand: np.savez(f, **outs) breaks on an output named like
+        # one of its own parameters ('file', 'allow_pickle').
+        with atomic_path(output, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w") as z:
+            for name, a in outs.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(a), allow_pickle=False)
         click.echo(f"wrote {output}")
 
 

@@ -13,8 +13,6 @@ from typing import Any
 
 import click
 
-from bnfold.errors import BnfoldError
-
 INT8_MODEL = "model.int8.onnx"
 # Where the int8 model goes when it fails the accuracy gate: never at INT8_MODEL, so nothing
 # that picks up OUTDIR/model.int8.onnx (a script, a deploy step) takes a model that failed.
@@ -22,6 +20,7 @@ REJECTED_MODEL = "model.int8.rejected.onnx"
 DEFAULT_MIN_COSINE = 0.9
 REPORT = "quant_report.json"
 PLOT = "sqnr.png"
+INT8_OUTPUTS = (INT8_MODEL, REJECTED_MODEL, REPORT, PLOT)
 
 
 class SizeType(click.ParamType):
@@ -172,25 +171,25 @@ class _Bars:
         return tick
 
 
-def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
+def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts: Any) -> Any:
     """Everything ``bnfold quantize`` does, given its parsed options; returns the QuantReport.
 
     Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``, then applies the
     accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1); a model that fails it is
-    written as ``model.int8.rejected.onnx`` instead.
+    written as ``model.int8.rejected.onnx`` instead. ``shown_as``: the folder named in the output
+    (``compile --int8`` writes into its temp folder, moved to OUTDIR later).
     """
     from bnfold import ir as bir
     from bnfold.atomic import write_bytes, write_json
+    from bnfold.outputs import check_folder, protected_files, staged_folder
     from bnfold.quant import calib
     from bnfold.quant import report as quant_report
     from bnfold.quant.quantize import quantize
 
     if opts["calib_path"] is None:
         raise click.UsageError("int8 quantization needs --calib DATA (images, .npz or .npy)")
-    if outdir.exists() and not outdir.is_dir():
-        raise BnfoldError(f"{outdir}: exists and is not a folder")
-    if (outdir / INT8_MODEL).resolve() == model.resolve():
-        raise BnfoldError(f"{outdir / INT8_MODEL}: would overwrite the input model")
+    protected = protected_files(model)
+    check_folder(outdir, INT8_OUTPUTS, protected)
     proto = bir.load_proto(model)
     specs = calib.input_specs(proto)
     pre = calib.Preprocess(
@@ -228,13 +227,14 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
     failed = quant_report.gate_failures(acc, opts["min_top1_agreement"], opts["min_cosine"])
     # A model that fails the gate is kept (to inspect, or to take anyway) but never where a
     # passing one goes; a passing model from an earlier run there is removed, since the report
-    # next to it now describes this one.
+    # next to it now describes this one. The outputs appear together or not at all (an
+    # interrupt while writing the plot left the model and report without it).
     name, stale = (REJECTED_MODEL, INT8_MODEL) if failed else (INT8_MODEL, REJECTED_MODEL)
-    outdir.mkdir(parents=True, exist_ok=True)
-    write_bytes(outdir / name, int8.SerializeToString(deterministic=True))
+    with staged_folder(outdir, protected) as stage:
+        write_bytes(stage / name, int8.SerializeToString(deterministic=True))
+        write_json(stage / REPORT, report.to_dict())
+        quant_report.plot_sqnr(report, acc, stage / PLOT)
     (outdir / stale).unlink(missing_ok=True)
-    write_json(outdir / REPORT, report.to_dict())
-    quant_report.plot_sqnr(report, acc, outdir / PLOT)
     click.echo(report.table())
     click.echo("")
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
@@ -244,8 +244,9 @@ def run_quantize(model: Path, outdir: Path, **opts: Any) -> Any:
         click.echo(f"target cosine {t['cosine']:g} {'met' if t['met'] else 'NOT met'} with "
                    f"{len(t['float_nodes'])} node(s) kept in float: "
                    f"{', '.join(t['float_nodes']) or '-'}")  # fmt: skip
-    click.echo(f"wrote {outdir / name}, {outdir / REPORT}, {outdir / PLOT}")
-    hints = _hints(report.options, outdir / name)
+    shown = shown_as or outdir
+    click.echo(f"wrote {shown / name}, {shown / REPORT}, {shown / PLOT}")
+    hints = _hints(report.options, shown / name)
     quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"], hints)
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -54,6 +55,22 @@ class SizeType(click.ParamType):
         return size
 
 
+class ToleranceType(click.FloatRange):
+    """A finite number >= 0: a NaN tolerance makes a gate that can never pass, an infinite one
+    a gate that can never fail, and a negative one is meaningless."""
+
+    name = "TOLERANCE"
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 SHAPE = ShapeType()
 max_size_option = click.option(
     "--max-size",
@@ -80,14 +97,14 @@ def tolerance_options(atol: float, rtol: float, what: str = "the gate") -> Calla
     def decorate(f: F) -> F:
         f = click.option(
             "--rtol",
-            type=click.FloatRange(min=0),
+            type=ToleranceType(),
             default=rtol,
             show_default=True,
             help=f"Tolerance relative to max|reference output| of {what}.",
         )(f)
         return click.option(
             "--atol",
-            type=click.FloatRange(min=0),
+            type=ToleranceType(),
             default=atol,
             show_default=True,
             help=f"Absolute tolerance of {what}.",

@@ -14,19 +14,21 @@ Serve on loopback, or on an isolated network, behind a tracker whose key only yo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnfold import check
+from bnfold.deadline import deadline
 from bnfold.errors import BnfoldError
 from bnfold.lower import int8 as lower_int8
 from bnfold.lower.compiler import FOLDED, sha256_file
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ATOL = 0.0
 DEFAULT_RTOL = 1e-4
+# Seconds one RPC call (connect, upload, load, a run, the timing) may take before deploy gives up.
+DEFAULT_TIMEOUT_S = 300.0
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -254,6 +258,7 @@ def deploy(
     number: int = 1,
     session_timeout: float = 0,
     max_lsb: int = 1,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
 ) -> DeployResult:
     """Upload, load, run, check and time the artifact in ``outdir`` on an RPC device.
 
@@ -274,6 +279,9 @@ def deploy(
             compile's layer-by-layer check, run on the device with its ``layerwise`` build:
             every quantized tensor within ``max_lsb`` steps of onnxruntime's on the same layer
             inputs (the end-to-end comparison is reported, not gated, as in ``compile``).
+        timeout: Seconds each RPC call may take (connect, upload, load, each run, the warm-up,
+            the timing); a server that stops answering is a BnfoldError, not a hang. None: no
+            limit.
 
     Raises:
         BnfoldError: Bad folder or inputs, server unreachable, artifact cannot load there.
@@ -292,30 +300,30 @@ def deploy(
     slices, how = _feeds(manifest, inputs)
     ref_path, note = reference_model(out, manifest)
     if note:
-        logger.warning("%s", note)
+        logger.info("%s", note)  # printed as a note with the result; not an error line
 
-    remote = connect(rpc, key=key, tracker=tracker, session_timeout=session_timeout)
-    try:
+    where = f"the RPC {'tracker ' + tracker if tracker else 'server ' + str(rpc)}"
+    with deadline(timeout, f"connecting to {where}"):
+        remote = connect(rpc, key=key, tracker=tracker, session_timeout=session_timeout)
+    with _rpc_failures(f"running {library.name} on the RPC device"):
         t0 = time.perf_counter()
         remote_name = f"bnfold-{os.getpid()}-{int(time.time() * 1e3)}-{library.name}"
-        remote.upload(str(library), remote_name)
+        with deadline(timeout, f"uploading {library.name} to {where}"):
+            remote.upload(str(library), remote_name)
         t1 = time.perf_counter()
-        dev = remote.cpu()
-        lib = remote.load_module(remote_name)
-        vm = tvm.relax.VirtualMachine(lib, dev)
+        with deadline(timeout, f"loading {library.name} on {where}"):
+            dev = remote.cpu()
+            lib = remote.load_module(remote_name)
+            vm = tvm.relax.VirtualMachine(lib, dev)
         t2 = time.perf_counter()
         runs = []
         for feeds in slices:
-            args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
-            runs.append(_run(vm, args))
+            with deadline(timeout, f"running {library.name} on {where}"):
+                args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
+                runs.append(_run(vm, args))
         t3 = time.perf_counter()
-        args = [tvm.runtime.tensor(slices[0][s["name"]], dev) for s in manifest["inputs"]]
-    except BnfoldError:
-        raise
-    except Exception as e:
-        msg = str(e).strip().splitlines()
-        raise BnfoldError(f"running {library.name} on the RPC device failed: "
-                          f"{msg[-1] if msg else repr(e)}") from None  # fmt: skip
+        with deadline(timeout, f"sending the inputs to {where}"):
+            args = [tvm.runtime.tensor(slices[0][s["name"]], dev) for s in manifest["inputs"]]
     names = [o["name"] for o in manifest["outputs"]]
     if len(runs[0]) != len(names):
         raise BnfoldError(f"the device returned {len(runs[0])} outputs, expected {len(names)}")
@@ -327,20 +335,26 @@ def deploy(
     int8 = (manifest.get("compile") or {}).get("int8") or {}
     layerwise = None
     if int8.get("layerwise"):
-        layerwise = _layerwise_on_device(remote, out / int8["layerwise"], ref_path, slices[0],
-                                         max_lsb)  # fmt: skip
+        with deadline(timeout, f"running the layer-by-layer build on {where}"):
+            layerwise = _layerwise_on_device(remote, out / int8["layerwise"], ref_path,
+                                             slices[0], max_lsb)  # fmt: skip
         atol, rtol = float("inf"), 0.0  # end to end is reported, not gated (see max_lsb)
     result = check.compare_outputs(ref, got, atol, rtol)
     result.samples = len(slices)
 
-    for _ in range(max(warmup - 1, 0)):  # the time_evaluator does one more untimed run
-        vm["main"](*args)
-    timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
-    latency = latency_stats(list(timer(*args).results))
+    # The server can die or stop answering here too: one line (exit 2), never a traceback.
+    with _rpc_failures(f"timing {library.name} on the RPC device"):
+        with deadline(timeout, f"warming up {library.name} on {where}"):
+            for _ in range(max(warmup - 1, 0)):  # the time_evaluator does one untimed run more
+                vm["main"](*args)
+        with deadline(timeout, f"timing {library.name} on {where}"):
+            timer = vm.time_evaluator("main", dev, number=number, repeat=repeat)
+            latency = latency_stats(list(timer(*args).results))
     with_remove = getattr(remote, "remove", None)
     if with_remove is not None:
         try:
-            with_remove(remote_name)
+            with deadline(timeout, f"removing {remote_name} on {where}"):
+                with_remove(remote_name)
         except Exception:  # the server may keep its temp folder; not worth failing over
             logger.debug("could not remove %s on the device", remote_name)
     # End the RPC session now: a server serves one session at a time, and the VM's stateful
@@ -368,6 +382,18 @@ def deploy(
         samples=len(slices),
         layerwise=layerwise,
     )
+
+
+@contextlib.contextmanager
+def _rpc_failures(what: str) -> Iterator[None]:
+    """Turn what TVM raises when the device fails or goes away into one BnfoldError line."""
+    try:
+        yield
+    except BnfoldError:
+        raise
+    except Exception as e:  # TVMError/RuntimeError/OSError with long text
+        msg = str(e).strip().splitlines()
+        raise BnfoldError(f"{what} failed: {msg[-1] if msg else repr(e)}") from None
 
 
 def _layerwise_on_device(

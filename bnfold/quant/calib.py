@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -182,9 +183,15 @@ def read_image(path: Path) -> np.ndarray:
     except ImportError:
         raise BnfoldError("reading images needs pillow (pip install pillow)") from None
     try:
-        with Image.open(path) as img:
+        # Pillow warns about what it then handles (a palette PNG with transparency, an image
+        # over its decompression-bomb pixel count): logged, not printed around the CLI's lines.
+        with warnings.catch_warnings(record=True) as caught, Image.open(path) as img:
+            warnings.simplefilter("always")
             img.load()
-            return np.asarray(img.convert("RGB"))
+            rgb = np.asarray(img.convert("RGB"))
+        for w in caught:
+            logger.info("%s: %s", path, w.message)
+        return rgb
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BnfoldError(f"{path}: cannot read image ({msg})") from None

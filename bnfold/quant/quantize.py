@@ -155,7 +155,7 @@ class Runner:
         self._computed = [n for n in self.names if n not in inputs]
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: errors reach the user as one BnfoldError line
         proto = with_outputs(model, self._computed) if self._computed else None
         try:
             self._sess = (
