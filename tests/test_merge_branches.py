@@ -305,6 +305,21 @@ def test_conv1x1_then_kxk(case: str) -> None:
         assert count_ops(folded, "Conv") == 2
 
 
+def test_conv1x1_read_elsewhere_is_not_a_sequence() -> None:
+    """A 1x1 whose output also feeds a residual Add is a branch point, not a sequence (no
+    record); the residual sum itself merges (identity + 1x1)."""
+    t: dict[str, np.ndarray] = {}
+    text = f"""{HEADER}
+    g (float[1,4,6,6] x) => (float[1,4,6,6] y) {{
+        {branch("p", "x", 4, 4, (1, 1), "", False, t, with_bn=False)}
+        {branch("q", "p", 4, 4, (1, 1), "", False, t, with_bn=False)}
+        y = Add (p, q)
+    }}"""
+    folded, report = fold(parse(text, **t))
+    assert count_ops(folded, "Conv") == 2 and count_ops(folded, "Add") == 0
+    assert [r.detail for r in report.merges] == ["identity + conv 1x1 -> 1x1"]
+
+
 def test_diverse_branch_block_1x1_3x3_branch_joins_the_sum() -> None:
     """DBB-like: 3x3 + 1x1 + (1x1 without bias -> 3x3) + x: the sequence merges first, then
     the sum; one conv is left."""
