@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 import onnx
 
 from bnfold import check
+from bnfold.errors import BnfoldError
 from bnfold.passes._util import TENSOR_MAP
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -83,6 +85,40 @@ class PerLayer:
                f"first past the gate: {first.candidate} ({first.op})")
         )  # fmt: skip
         return "\n".join(lines)
+
+
+def plot(result: PerLayer, path: str | os.PathLike[str], title: str = "") -> None:
+    """Write a PNG of max_abs / max|ref| per layer (log scale, graph order) with the gate."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise BnfoldError("the per-layer plot needs matplotlib (pip install matplotlib)") from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bnfold.atomic import atomic_path
+
+    floor = 1e-12  # an exact layer is drawn at the bottom of the axis
+    ratio = [max(la.metrics.max_abs / la.metrics.max_ref, floor)
+             if la.metrics.max_ref and np.isfinite(la.metrics.max_abs) else 1.0
+             for la in result.layers]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.14 * len(ratio) + 3), 4.5))
+    ax.semilogy(range(len(ratio)), ratio, "o-", ms=3, label="max_abs / max|ref|")
+    ax.axhline(result.rtol, color="k", ls="--", lw=1, label=f"gate rtol {result.rtol:g}")
+    first = result.first_failure
+    if first is not None:
+        i = result.layers.index(first)
+        ax.plot([i], [ratio[i]], "rs", ms=8, label=f"first past the gate: {first.candidate}")
+    ax.set_xlabel("layer (candidate tensor, graph order)")
+    ax.set_ylabel("max_abs / max|ref|")
+    ax.set_title(title or "per-layer agreement", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 def _float_types(proto: onnx.ModelProto) -> dict[str, int]:

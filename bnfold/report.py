@@ -75,7 +75,7 @@ class FoldReport:
         if not self.merges:
             return ""
         merged = sum(1 for r in self.merges if r.action == "merged")
-        return f"; branch sums merged: {merged}, kept: {len(self.merges) - merged}"
+        return f"; branches merged: {merged}, kept: {len(self.merges) - merged}"
 
     def table(self) -> str:
         """A plain-text table of every BN, then totals (what the CLI prints)."""

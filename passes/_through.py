@@ -20,6 +20,10 @@ first, exactly, and then fold into *their* producers:
 
   A negative scale turns the max into a min; a zero scale is declined with it (the rule is kept
   to the case the proof needs). The ``Indices`` output must be unused.
+- ``AveragePool`` / ``GlobalAveragePool``: an average of ``s * x_k + t`` over ``n`` elements is
+  ``s * avg(x) + t`` whenever ``n`` counts only real elements. Declined when padding (explicit,
+  ``auto_pad`` SAME, or a ``ceil_mode`` window past the edge) is counted
+  (``count_include_pad=1``): a padded zero stands where ``t`` would have been.
 - ``Resize`` / ``Upsample`` in ``nearest`` mode: every output element is a copy of one input
   element of the same channel, so any per-channel map commutes with it. Declined: other modes
   (they mix neighbours: still exact for an affine map only when the weights sum to one, which
@@ -39,7 +43,7 @@ import onnx_ir as ir
 from bnfold.passes._util import Declined, is_onnx_op
 
 _Part = tuple[ir.Value, np.ndarray, np.ndarray]  # an input of the op and its slice (s, t)
-THROUGH_OPS = ("Concat", "MaxPool", "Resize", "Upsample")
+THROUGH_OPS = ("Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Upsample")
 
 
 def _channels(value: ir.Value) -> int:
@@ -90,9 +94,23 @@ def _split_resize(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> lis
     return [(x, s, t)]
 
 
+def _split_avgpool(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> list[_Part]:
+    if node.op_type == "AveragePool" and node.attributes.get_int("count_include_pad", 0):
+        padded = (
+            any(node.attributes.get_ints("pads", []))
+            or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+            or node.attributes.get_int("ceil_mode", 0)
+        )
+        if padded and np.any(t):
+            raise Declined("AveragePool counts padding (count_include_pad=1) and the shift != 0")
+    return [(node.inputs[0], s, t)]
+
+
 _RULES = {
     "Concat": _split_concat,
     "MaxPool": _split_maxpool,
+    "AveragePool": _split_avgpool,
+    "GlobalAveragePool": _split_avgpool,
     "Resize": _split_resize,
     "Upsample": _split_resize,
 }

@@ -14,11 +14,12 @@ and casting back to the model dtype:
 
    MatMul has no bias input; a following ``Add`` of a constant is taken as its bias, and one is
    created if the fold needs it.
-   **Through** a ``Concat`` on the channel axis, a ``MaxPool`` (every ``s > 0``) or a nearest
-   ``Resize``/``Upsample`` whose output feeds only the map, the map moves onto the op's inputs
-   (a Concat gives each input its slice of ``s``/``t``) and folds into each input's producer,
-   all or none; the op stays. The math and the preconditions of each op are in
-   passes/_through.py; a failed one is the backward reason (``through Concat (...) input i: ...``).
+   **Through** a ``Concat`` on the channel axis, a ``MaxPool`` (every ``s > 0``), an average
+   pool (padding not counted) or a nearest ``Resize``/``Upsample`` whose output feeds only the
+   map, the map moves onto the op's inputs (a Concat gives each input its slice of ``s``/``t``)
+   and folds into each input's producer, all or none; the op stays. The math and the
+   preconditions of each op are in passes/_through.py; a failed one is the backward reason
+   (``through Concat (...) input i: ...``).
 2. **forward**, into every consuming Conv / Gemm / MatMul (input channels)::
 
        W (s x + t) + b  ->  (W s) x + (W t + b)

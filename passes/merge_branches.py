@@ -358,8 +358,8 @@ def _sequence(second: ir.Node) -> tuple[Branch, Branch] | None:
     b1, b2 = _conv_branch(x), _conv_branch(second.outputs[0])
     if b1 is None or b2 is None or b1.weight.ndim != b2.weight.ndim:
         return None
-    if any(d != 1 for d in b1.weight.shape[2:]):
-        return None
+    if any(d != 1 for d in b1.weight.shape[2:]) or not single_use(x):
+        return None  # not a 1x1, or a branch point (a residual input, say): not a sequence
     return b1, b2
 
 
@@ -367,8 +367,6 @@ def plan_sequence(b1: Branch, b2: Branch) -> tuple[np.ndarray, np.ndarray | None
     """Check a Conv1x1 -> ConvKxK pair (module docstring) and compute the merged weight/bias."""
     first, second = b1.conv, b2.conv
     spatial = b1.weight.ndim - 2
-    if not single_use(first.outputs[0]):
-        raise Declined(f"{label(first)} output has other consumers")
     if first.attributes.get_int("group", 1) != 1 or second.attributes.get_int("group", 1) != 1:
         raise Declined("a grouped conv in the sequence")
     if any(v != 1 for v in _ints(first, "strides", [1] * spatial)) or any(_pads(first, spatial)):

@@ -112,6 +112,29 @@ def test_maxpool_positive_scale_folds_through(pool: str, out: int) -> None:
     assert report.batchnorms[0].into == ["Conv:c"]
 
 
+@pytest.mark.parametrize(
+    ("pool", "out", "folds"),
+    [("AveragePool <kernel_shape=[3,3], pads=[1,1,1,1]>", 6, True),
+     ("AveragePool <kernel_shape=[2,2], strides=[2,2], count_include_pad=1>", 3, True),
+     ("AveragePool <kernel_shape=[3,3], strides=[2,2], ceil_mode=1>", 3, True),
+     ("GlobalAveragePool", 1, True),
+     ("AveragePool <kernel_shape=[3,3], pads=[1,1,1,1], count_include_pad=1>", 6, False)],
+)  # fmt: skip
+def test_average_pool_folds_through_unless_padding_counts(pool: str, out: int, folds: bool) -> None:
+    text = f"""{HEADER}
+    g (float[1,3,6,6] x) => (float[1,4,{out},{out}] y) {{
+        c = Conv <pads=[1,1,1,1]> (x, W, B)
+        p = {pool} (c)
+        {bn("p", "y")}
+    }}"""
+    folded, report = run(parse(text, W=w(4, 3, 3, 3), B=w(4), **stats(4)))
+    rec = report.batchnorms[0]
+    if folds:
+        assert rec.into == ["Conv:c"] and len(folded.graph.node) == 2
+    else:
+        assert rec.action == "affine" and "counts padding" in rec.reason, rec.reason
+
+
 @pytest.mark.parametrize("op", ["Resize", "Upsample"])
 def test_nearest_resize_folds_through(op: str) -> None:
     """Nested: Concat(Resize(Conv), Conv) -> BN; both convs absorb their slice."""

@@ -194,6 +194,35 @@ def test_identity_term_that_is_a_conv_output() -> None:
     assert report.merges[0].detail == "identity + conv 3x3 -> 3x3"
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_aligned_geometries_merge_exactly(seed: int) -> None:
+    """2-4 branches of random kernel sizes (even ones too), pads, one stride / dilation / group
+    count, placed anywhere their windows align (pad_end - window end equal: Add-compatible
+    shapes); the merge is exact wherever it happens."""
+    rng = np.random.default_rng(seed)
+    stride, dil, group = (int(rng.choice(v)) for v in ([1, 2], [1, 2], [1, 2, 4]))
+    t: dict[str, np.ndarray] = {}
+    lines, names = [], []
+    for i in range(int(rng.integers(2, 5))):
+        k = [int(v) for v in rng.integers(1, 4, 2)]
+        begin = [dil * int(rng.integers(0, kk)) for kk in k]  # on the dilation grid
+        end = [dil * (kk - 1) - b for kk, b in zip(k, begin, strict=True)]
+        pads = ",".join(map(str, begin + end))
+        attrs = (
+            f"pads=[{pads}], strides=[{stride},{stride}], dilations=[{dil},{dil}], group={group}"
+        )
+        lines.append(branch(f"b{i}", "x", 8, 8 // group, tuple(k), attrs, bool(rng.integers(2)), t))
+        names.append(f"b{i}")
+    out = (9 - 1) // stride + 1
+    text = f"""{HEADER}
+    g (float[1,8,9,9] x) => (float[1,8,{out},{out}] y) {{
+        {chr(10).join(lines)}
+        {block(names, None, "y = Relu (s)")}
+    }}"""
+    folded, report = fold(parse(text, **t))
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"], report.table()
+
+
 # body (branches of x summed into s), tensors' (name, shape), words the reason must contain
 DECLINES = {
     "groups differ": (
@@ -274,6 +303,21 @@ def test_conv1x1_then_kxk(case: str) -> None:
     else:
         assert rec.action == "kept" and reason in rec.reason, rec.reason
         assert count_ops(folded, "Conv") == 2
+
+
+def test_conv1x1_read_elsewhere_is_not_a_sequence() -> None:
+    """A 1x1 whose output also feeds a residual Add is a branch point, not a sequence (no
+    record); the residual sum itself merges (identity + 1x1)."""
+    t: dict[str, np.ndarray] = {}
+    text = f"""{HEADER}
+    g (float[1,4,6,6] x) => (float[1,4,6,6] y) {{
+        {branch("p", "x", 4, 4, (1, 1), "", False, t, with_bn=False)}
+        {branch("q", "p", 4, 4, (1, 1), "", False, t, with_bn=False)}
+        y = Add (p, q)
+    }}"""
+    folded, report = fold(parse(text, **t))
+    assert count_ops(folded, "Conv") == 2 and count_ops(folded, "Add") == 0
+    assert [r.detail for r in report.merges] == ["identity + conv 1x1 -> 1x1"]
 
 
 def test_diverse_branch_block_1x1_3x3_branch_joins_the_sum() -> None:

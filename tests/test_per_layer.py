@@ -101,5 +101,8 @@ def test_corrupted_weight_is_named_first(tmp_path: Path) -> None:
     assert not result.passed and first is not None and first.candidate == "k3"
     names = [la.candidate for la in result.layers.layers]
     assert all(la.metrics.passed for la in result.layers.layers[: names.index("k3")])
-    out = CliRunner().invoke(cli, ["verify", "--per-layer", str(original), str(bad)])
+    png = tmp_path / "layers.png"
+    args = ["verify", "--per-layer", "--plot", str(png), str(original), str(bad)]
+    out = CliRunner().invoke(cli, args)
     assert out.exit_code == 1 and "first past the gate: k3 (Conv)" in out.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -182,6 +182,11 @@ def inspect(model: Path, as_json: bool, brief: bool, max_size: int | None) -> No
     help="Also compare every intermediate tensor (paired by name, or by the tensor map that "
     "bnfold fold writes) and name the first layer past the gate.",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="With --per-layer: write a PNG of the per-layer error.",
+)
 def verify(
     reference: Path,
     candidate: Path,
@@ -194,6 +199,7 @@ def verify(
     json_out: Path | None,
     max_size: int | None,
     per_layer: bool,
+    plot: Path | None,
 ) -> None:
     """Run REFERENCE and CANDIDATE in onnxruntime (optimizations off) and compare their outputs.
 
@@ -205,6 +211,10 @@ def verify(
 
     if json_out:
         check_output_path(json_out, reference, candidate)
+    if plot:
+        if not per_layer:
+            raise click.UsageError("--plot needs --per-layer")
+        check_output_path(plot, reference, candidate, *([json_out] if json_out else []))
     if inputs is not None and n_random is not None:
         raise click.UsageError("give --inputs or --random, not both")
     for p in (reference, candidate):
@@ -224,6 +234,10 @@ def verify(
     )
     if json_out:
         write_json(json_out, result.to_dict())
+    if plot:
+        from bnfold.per_layer import plot as plot_layers
+
+        plot_layers(result.layers, plot, f"{reference.name} vs {candidate.name}")
     click.echo(result.table())
     if not result.passed:
         sys.exit(EXIT_CHECK_FAILED)
