@@ -16,7 +16,7 @@ CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf debo
 export BNFOLD_ARM64_ROOT := $(BNFOLD_CACHE)/arm64-root
 RPC_PORT ?= 9091
 
-.PHONY: venv models demo test lint clean cross-tools arm64-root arm64-rpc-server bench bench-suite
+.PHONY: venv models demo test lint clean cross-tools browser arm64-root arm64-rpc-server bench bench-suite
 
 # The venv is rebuilt when the package metadata changes. torch is pinned to the CPU build that
 # this machine kind keeps on local disk (an unpinned torch would pull a multi-GB CUDA build).
@@ -48,6 +48,13 @@ cross-tools:
 	  || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CROSS_DEB); }
 
+# A real headless browser for the test that loads the HTML report (Debian's
+# chromium-headless-shell, ~1 min once; needs root, as on CI).
+browser:
+	@command -v chromium-headless-shell >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  chromium-headless-shell; }
+
 # The aarch64 root for the emulated RPC server (debootstrap arm64 minbase + python3, and the
 # aarch64 TVM runtime wheels): ~30 s and ~220 MB once, then a no-op while the stamp in it matches
 # the installed TVM. Needs root, a Debian mirror and the package index; fails if it cannot build.
@@ -70,7 +77,7 @@ bench-suite: models
 lint: $(STAMP)
 	$(BIN)/ruff check bnfold passes targets tests benchmarks
 
-test: models lint cross-tools arm64-root
+test: models lint cross-tools browser arm64-root
 	BNFOLD_MODELS=$(CACHE) $(BIN)/pytest -q
 
 clean:

@@ -39,7 +39,8 @@ def check_output_path(out: Path, *inputs: Path) -> None:
 @click.option(
     "--report",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write the fold report as JSON to this file.",
+    help="Also write the fold report to this file: JSON, or a self-contained HTML page when "
+    "the name ends in .html.",
 )
 @click.option("--no-forward", is_flag=True, help="Do not fold BNs into the following Conv/Gemm.")
 @click.option(
@@ -84,7 +85,11 @@ def fold(
     rep.source = str(model)
     bir.save(folded, output, external_data=external_data)
     rep.total_ms = (time.perf_counter() - t0) * 1e3
-    if report:
+    if report and report.suffix.lower() in (".html", ".htm"):
+        from bnfold.html_report import write_fold_report
+
+        write_fold_report(report, str(model), rep.to_dict())
+    elif report:
         write_json(report, rep.to_dict())
     click.echo(rep.table())
     click.echo(f"wrote {output}" + (f" and {report}" if report else ""))

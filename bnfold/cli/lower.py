@@ -117,6 +117,9 @@ class TargetType(click.ParamType):
 @click.option("--max-lsb", type=click.IntRange(min=0), default=1, show_default=True,
               help="QDQ models: the verification gate, every quantized tensor within this many "
                    "quantization steps of onnxruntime's, layer by layer.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a self-contained HTML page of the compile (fold report, "
+                   "verification, steps, schedule rules, int8 SQNR plot), e.g. report.html.")
 @quant_options
 @tolerance_options(atol=0.0, rtol=1e-4, what="the verification gate")
 def compile_cmd(
@@ -133,6 +136,7 @@ def compile_cmd(
     int8: bool,
     integer: bool,
     max_lsb: int,
+    report: Path | None,
     atol: float,
     rtol: float,
     **quant: Any,
@@ -149,7 +153,9 @@ def compile_cmd(
     integer kernels. A QDQ model (from --int8 or given) is verified layer by layer: each
     quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
+    from bnfold.cli.fold import check_output_path
     from bnfold.cli.quant import INT8_MODEL, INT8_OUTPUTS, run_quantize
+    from bnfold.html_report import write_compile_report
     from bnfold.lower import compiler as lower
     from bnfold.outputs import check_folder, protected_files, staged_folder
 
@@ -158,6 +164,8 @@ def compile_cmd(
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")
     protected = protected_files(model)
+    if report is not None:
+        check_output_path(report, model)
     names = (lower.FOLDED, lower.FOLDED + ".data", lower.MANIFEST, *(INT8_OUTPUTS if int8 else ()))
     check_folder(outdir, names, protected)
     # The outputs are one transaction: built in a temp folder beside OUTDIR and moved in at the
@@ -180,6 +188,8 @@ def compile_cmd(
         except CheckFailed as e:
             failed = CheckFailed(str(e).replace(str(stage), str(outdir)))
         _relocate_manifest(stage / lower.MANIFEST, stage, outdir)
+    if report is not None:
+        write_compile_report(report, outdir, json.loads((outdir / lower.MANIFEST).read_text()))
     if failed is not None:
         _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
         raise failed
@@ -193,6 +203,8 @@ def compile_cmd(
         click.echo(f"  {role:<8} {outdir / name}")
     click.echo(f"  folded   {outdir / lower.FOLDED}")
     click.echo(f"  manifest {outdir / lower.MANIFEST}")
+    if report is not None:
+        click.echo(f"  report   {report}")
     q = c.get("int8")
     if q and q.get("integer"):
         click.echo(f"  int8     {q['integer_groups']} of {q['quantize_groups']} quantized groups "
