@@ -152,15 +152,18 @@ def staged_folder(outdir: Path, protected: Iterable[Path] = ()) -> Iterator[Path
     protected = list(protected)
     parent = Path(os.path.abspath(outdir)).parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
+    staging: Path | None = None
     try:
+        with signals_deferred():  # an interrupt lands once the folder's name is known
+            staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
         umask = os.umask(0)  # mkdtemp makes 0700; the folder gets what mkdir would give
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)
         yield staging
         _commit(staging, outdir, protected)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 _LAST = "manifest.json"  # what marks a compile folder as complete: it moves in last
