@@ -150,7 +150,9 @@ def staged_folder(outdir: Path, protected: Iterable[Path] = ()) -> Iterator[Path
     replaced; nothing else in ``outdir`` is touched.
     """
     protected = list(protected)
-    parent = Path(os.path.abspath(outdir)).parent
+    # Beside the real folder (OUTDIR may be a symlink to another file system): the moves at the
+    # end are renames, which work only within one file system.
+    parent = Path(os.path.realpath(outdir)).parent
     parent.mkdir(parents=True, exist_ok=True)
     staging: Path | None = None
     try:
