@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bnfold.outputs import check_destination
+from bnfold.outputs import check_destination, signals_deferred
 
 
 @contextlib.contextmanager
@@ -24,22 +24,27 @@ def atomic_path(path: str | os.PathLike[str], suffix: str = "") -> Iterator[Path
     target = Path(path)
     check_destination(target)  # only regular files bnfold creates: never a device, FIFO, link
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
-    )
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:  # from here on, an interrupt (a signal raises anywhere) removes the temp file
-        os.close(fd)
+        # An interrupt between creating the file and knowing its name would leave it behind:
+        # SIGINT/SIGTERM wait until the name is known.
+        with signals_deferred():
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
+            )
+            tmp = Path(tmp_name)
+            os.close(fd)
         # mkstemp creates 0600; outputs get the mode a plain open() would give (0666 & ~umask).
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         os.replace(tmp, target)
     except BaseException:
         # BaseException too: a KeyboardInterrupt must not leave the temp file behind either.
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         raise
 
 

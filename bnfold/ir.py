@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from bnfold.atomic import write_bytes
 from bnfold.errors import BnfoldError
-from bnfold.outputs import check_destination
+from bnfold.outputs import check_destination, signals_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -459,8 +459,10 @@ def save(
     for written in (target, target.parent / data_name):
         check_destination(written)  # a folder named like the data file is not bnfold's
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp_dir: Path | None = None
     try:
+        with signals_deferred():  # an interrupt lands once the folder's name is known
+            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         # What convert_model_to_external_data does, without its check that `data_name` does
         # not exist relative to the *working directory* (a second fold from the folder that
         # holds the first output's data file failed with FileExistsError).
@@ -493,4 +495,5 @@ def save(
                 os.replace(backup, old_data)
             raise
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)

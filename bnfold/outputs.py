@@ -150,17 +150,22 @@ def staged_folder(outdir: Path, protected: Iterable[Path] = ()) -> Iterator[Path
     replaced; nothing else in ``outdir`` is touched.
     """
     protected = list(protected)
-    parent = Path(os.path.abspath(outdir)).parent
+    # Beside the real folder (OUTDIR may be a symlink to another file system): the moves at the
+    # end are renames, which work only within one file system.
+    parent = Path(os.path.realpath(outdir)).parent
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
+    staging: Path | None = None
     try:
+        with signals_deferred():  # an interrupt lands once the folder's name is known
+            staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=parent))
         umask = os.umask(0)  # mkdtemp makes 0700; the folder gets what mkdir would give
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)
         yield staging
         _commit(staging, outdir, protected)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 _LAST = "manifest.json"  # what marks a compile folder as complete: it moves in last

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -80,10 +81,29 @@ def _unwind_on_signals() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _warnings_to_log() -> Iterator[None]:
+    """Route Python warnings raised during a command to the log (shown with ``-v``).
+
+    They come from libraries (numpy on NaN data, matplotlib, Pillow...), name no problem the
+    user can act on, and would break the contract's stderr: one line on exit 2, nothing on
+    exit 0. bnfold's own warnings go through logging, not through this.
+    """
+    log = logging.getLogger("bnfold.warnings")
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:  # fmt: skip
+        log.info("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI and turn every failure into one line and an exit code."""
     try:
-        with _unwind_on_signals():
+        with _unwind_on_signals(), _warnings_to_log():
             cli.main(args=argv, prog_name="bnfold", standalone_mode=False)
     except Interrupted as e:
         click.echo(f"interrupted ({e})", err=True)
