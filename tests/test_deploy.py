@@ -1,6 +1,6 @@
 """``bnfold deploy`` / ``serve`` against real TVM RPC servers on loopback.
 
-Servers run as subprocesses (``bnfold.device.deploy.serve`` in a plain ``python -c``), the tracker
+Servers run as subprocesses (``bnfold.rpc.serve`` in a plain ``python -c``), the tracker
 as ``python -m tvm.exec.rpc_tracker``; each on a free port. The model is a small conv+BN built
 with onnx.parser and compiled for x86; and for arm64, deployed to an aarch64 server run under
 qemu-user (``bnfold serve --emulate arm64``, in the root ``make arm64-root`` builds).
@@ -26,6 +26,7 @@ from click.testing import CliRunner
 pytest.importorskip("tvm")
 pytestmark = pytest.mark.tvm
 
+from bnfold import rpc as bnfold_rpc  # noqa: E402
 from bnfold.cli.deploy import deploy_cmd, serve_cmd  # noqa: E402
 from bnfold.device import deploy, emulate  # noqa: E402
 from bnfold.errors import BnfoldError, CheckFailed  # noqa: E402
@@ -171,7 +172,7 @@ def test_deploy_errors_are_one_line(build: Path) -> None:
     with pytest.raises(BnfoldError, match="cannot reach"):
         deploy.deploy(build, f"127.0.0.1:{free_port()}")
     with pytest.raises(BnfoldError, match="HOST:PORT"):
-        deploy.parse_addr("localhost")
+        bnfold_rpc.parse_addr("localhost")
     res = CliRunner().invoke(deploy_cmd, [str(build)])
     assert res.exit_code == 2
 
@@ -185,7 +186,7 @@ def test_deploy_through_tracker_with_two_servers(build: Path) -> None:
     try:
         ports = [free_port() for _ in range(2)]
         procs += [start_server(port, addr, "edge") for port in ports]
-        client = rpc.connect_tracker(*deploy.parse_addr(addr))
+        client = rpc.connect_tracker(*bnfold_rpc.parse_addr(addr))
         end = time.monotonic() + 20
         while time.monotonic() < end:
             queue = client.summary()["queue_info"].get("edge", {})
@@ -220,11 +221,11 @@ def test_serve_warns_off_loopback(
 
     monkeypatch.setattr(tvm_server, "_popen_start_rpc_server", refuse)
     with pytest.raises(BnfoldError, match="cannot listen"):
-        deploy.serve("0.0.0.0", 9090)
+        bnfold_rpc.serve("0.0.0.0", 9090)
     assert "NO authentication" in caplog.text
     caplog.clear()
     with pytest.raises(BnfoldError, match="cannot listen"):
-        deploy.serve("127.0.0.1", 9090)
+        bnfold_rpc.serve("127.0.0.1", 9090)
     assert "NO authentication" not in caplog.text
 
 

@@ -172,13 +172,13 @@ def serve_cmd(
     registering with a --tracker under a --key that only your clients know, so that
     clients take devices from the tracker instead of connecting to addresses directly.
     """
-    from bnfold.device import deploy
+    from bnfold import rpc
 
     logging.getLogger("bnfold").setLevel(logging.INFO)
     if emulate:
         _serve_emulated(host, port, port_end, tracker, key)
         return
-    state = deploy.serve(host, port, port_end, tracker=tracker, key=key)
+    state = rpc.serve(host, port, port_end, tracker=tracker, key=key)
     where = f", registered with {tracker} as '{key}'" if tracker else ""
     click.echo(f"TVM RPC server listening on {host}:{state.port}{where} (Ctrl-C stops it)")
     thread: threading.Thread = state.thread

@@ -37,8 +37,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from bnfold.device.deploy import LOOPBACK, parse_addr
 from bnfold.errors import BnfoldError
+from bnfold.rpc import LOOPBACK, parse_addr
 from bnfold.runtime import _locked, cache_dir
 
 logger = logging.getLogger(__name__)

@@ -68,9 +68,9 @@ from typing import Any
 
 from bnfold import atomic, ir, pipeline
 from bnfold import targets as targets_
-from bnfold.device.deploy import connect, parse_addr, tracker_servers
 from bnfold.errors import BnfoldError
 from bnfold.lower import compiler as lower
+from bnfold.rpc import connect, parse_addr, tracker_servers
 from bnfold.runtime import set_threads
 from bnfold.steps import Observer, Steps
 from bnfold.targets import Target

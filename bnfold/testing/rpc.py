@@ -43,11 +43,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | subprocess.Popen[str],
 
 
 def start_server(port: int, tracker: str | None = None, key: str = "") -> subprocess.Popen[bytes]:
-    """A bnfold RPC server subprocess on loopback (``deploy.serve``), ready to accept;
+    """A bnfold RPC server subprocess on loopback (``bnfold.rpc.serve``), ready to accept;
     registered with ``tracker`` (``HOST:PORT``) under ``key`` when given."""
     code = (
-        "import sys; from bnfold.device import deploy; "
-        f"s = deploy.serve('127.0.0.1', {port}, tracker={tracker!r}, key={key!r}); "
+        "import sys; from bnfold import rpc; "
+        f"s = rpc.serve('127.0.0.1', {port}, tracker={tracker!r}, key={key!r}); "
         "s.thread.join()"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL,
