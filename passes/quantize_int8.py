@@ -192,6 +192,15 @@ def _constant_bounds(node: ir.Node) -> bool:
     return len(node.inputs) == 2 and sum(consts) == 1
 
 
+def _activation_input(node: ir.Node) -> ir.Value | None:
+    """The tensor an activation acts on: input 0, except for a Min/Max whose constant bound
+    comes first (``Min(6, x)``, as some exporters write it)."""
+    if is_onnx_op(node, "Min", "Max") and len(node.inputs) == 2:
+        if const_array(node.inputs[0]) is not None:
+            return node.inputs[1]
+    return node.inputs[0] if node.inputs else None
+
+
 def _data_inputs(node: ir.Node) -> list[ir.Value]:
     """Non-constant float inputs (the activations a node reads)."""
     if is_onnx_op(node, *COMPUTE_OPS):
@@ -219,17 +228,19 @@ def plan(model: ir.Model, exclude: Collection[str] = ()) -> Plan:
             why = _compute_reason(node)
             decided[node] = NodePlan(name, node.op_type, "float" if why else "int8", why)
         elif is_onnx_op(node, *ACTIVATION_OPS):
-            src = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
+            x = _activation_input(node)
+            src = x.producer() if x is not None else None
             head = src
             while head is not None and decided.get(head) and decided[head].status == "fused":
-                head = head.inputs[0].producer()
+                up = _activation_input(head)
+                head = up.producer() if up is not None else None
             fusable = (
                 src is not None
                 and head is not None
                 and head in int8
                 and is_onnx_op(head, *COMPUTE_OPS)
-                and len(node.inputs[0].uses()) == 1
-                and not node.inputs[0].is_graph_output()
+                and len(x.uses()) == 1
+                and not x.is_graph_output()
                 and _constant_bounds(node)
                 and _is_float(node.outputs[0])
             )
@@ -237,8 +248,8 @@ def plan(model: ir.Model, exclude: Collection[str] = ()) -> Plan:
                 decided[node] = NodePlan(name, node.op_type, "fused", into=label(head))
             else:
                 why = "not directly after an int8 Conv/Gemm/MatMul"
-                if src is not None and len(node.inputs[0].uses()) > 1:
-                    why = f"its input has {len(node.inputs[0].uses())} readers"
+                if src is not None and len(x.uses()) > 1:
+                    why = f"its input has {len(x.uses())} readers"
                 decided[node] = NodePlan(name, node.op_type, "float", why)
         elif is_onnx_op(node, *INT8_OPS, *PASSTHROUGH_OPS):
             data = _data_inputs(node)

@@ -25,6 +25,7 @@ ACTIVATIONS = {
     "relu": "{y} = Relu ({x})",
     "max0": "{y} = Max ({x}, zero)",
     "max-min": "{y}_m = Max ({x}, zero)\n        {y} = Min ({y}_m, six)",
+    "min-max-const-first": "{y}_m = Min (six, {x})\n        {y} = Max (zero, {y}_m)",
 }
 
 
@@ -86,3 +87,18 @@ def test_dead_channel_does_not_collapse_equalized_activations(act: str) -> None:
     acc = evaluate(model, int8, report, _samples(16, 2))
     assert acc.cosine > 0.99, acc.table()
     assert min(r["sqnr_db"] for r in acc.layers) > 15.0, acc.table()
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_every_spelling_of_an_activation_is_fused(act: str) -> None:
+    """Whatever the operand order, a bounded activation right after an int8 conv is fused:
+    the conv's pre-activation output is never quantized (it would spend the int8 grid on
+    values the activation throws away), only the activation's output."""
+    model = folded_cnn(act, dead=False)
+    int8, report = quantize(model, _samples(32, 1), cle=False)
+    acts = [r for r in report.layers if r["op"] in ("Relu", "Clip", "Min", "Max")]
+    assert acts and all(r["status"] == "fused" for r in acts), acts
+    quantized = {t["name"] for t in report.tensors}
+    assert not {"c1", "c2"} & quantized and {"r1", "r2"} <= quantized
+    acc = evaluate(model, int8, report, _samples(16, 2))
+    assert acc.cosine > 0.99, acc.table()

@@ -3,10 +3,11 @@
 :func:`reach_cosine` quantizes, evaluates on held-out samples, and while the mean output cosine
 is below the target, keeps more layers in float and quantizes again. Which ones:
 
-* every quantized tensor ``t`` gets its *local loss* ``L(t) = U(t) - SQNR(t)`` (dB), where
-  ``U(t)`` is the lowest SQNR of the quantized tensors its producer reads (walking back through
-  float tensors such as a conv's pre-activation output; ``inf`` at a graph input). The SQNR is
-  end to end, so it only falls along the graph; ``L`` is the part that ``t``'s own layer adds;
+* every quantized tensor ``t`` gets its *local loss*, the relative noise power its own layer
+  adds: ``L(t) = 10^(-SQNR(t)/10) - 10^(-U(t)/10)``, where ``U(t)`` is the lowest SQNR of the
+  quantized tensors its producer reads (walking back through float tensors such as a conv's
+  pre-activation output; ``inf``, no noise, at a graph input). The SQNR is end to end, so it
+  mostly falls along the graph; ``L`` is the part that ``t``'s layer adds;
 * the ``k`` tensors with the largest ``L`` are taken out of int8: their producer and every
   node that reads them stay float, so the tensor is never quantized (a tensor is quantized only
   because an int8 node reads it). ``k`` doubles each round (1, 2, 4, ...), so a target that
@@ -51,11 +52,14 @@ def local_loss(report: QuantReport, acc: Accuracy) -> dict[str, float]:
             best = min(best, sqnr[v] if v in sqnr else upstream(v, seen))
         return best
 
+    def noise(db: float) -> float:
+        return 10.0 ** (-db / 10.0) if math.isfinite(db) else (0.0 if db > 0 else math.inf)
+
     out = {}
     for t, s in sqnr.items():
-        if math.isfinite(s):
-            up = upstream(t, {t})
-            out[t] = (up if math.isfinite(up) else max(s, 0.0) + 60.0) - s
+        if s != math.inf:
+            added = noise(s) - noise(upstream(t, {t}))
+            out[t] = 0.0 if math.isnan(added) else added  # inf - inf: nothing known to add
     return out
 
 
