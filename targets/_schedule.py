@@ -13,7 +13,8 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   residual add) is applied to the tile straight from the accumulators; tiles run in parallel.
   A depthwise conv (one channel per tile) takes several rows per tile instead. Rows narrower
   than a vector (7x7 and 14x14 maps) put output channels on the lanes instead, with weights
-  transposed at compile time (:func:`channels_last_weights`). The zero padding becomes a border
+  transposed at compile time (:func:`channels_last_weights`); so do rows whose best tile
+  fills its vectors badly (prime widths: 17, 19, 149). The zero padding becomes a border
   fill plus a condition-free copy.
 - Before the rules, two Relax rewrites give them better-shaped work: a transposed conv whose
   kernel equals its stride becomes a 1x1 conv plus a depth-to-space rearrangement
@@ -25,6 +26,11 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   parallel.
 - ``elementwise``: injective-only functions: producers inlined, the innermost loop vectorized,
   the outer ones run in parallel.
+- ``generic`` (:mod:`bnfold.targets._schedule_generic`), tried last: whatever the others leave
+  (float pools, global pools, reductions, softmax) gets parallel outer loops and a vectorized
+  inner one where legal, so no function keeps TVM's plain loop nest.
+- Before fusion, ``sigmoid`` becomes ``1 / (1 + fast_exp(-x))`` in vector arithmetic
+  (:mod:`bnfold.targets._fast_math`): SiLU / squeeze-excite epilogues stay in registers.
 
 A rule that cannot apply declines (the function keeps TVM's default loops), so an unusual
 operator costs speed, never correctness; ``bnfold compile`` verifies the result anyway.
