@@ -415,12 +415,14 @@ def channels_last_weights(target: Any) -> Any:
         shape = _static_shape(call)
         if shape is None or len(shape) != 4:
             return False
-        # Columns on the lanes need a row tile that fills its vectors: a prime row (17, 19,
-        # 149 columns) gets scalar or mostly empty vectors (Inception's 1x7 on 17x17, AVX-512:
-        # 121 ms, as channel lanes 1.1 ms). 14 of 16 lanes (28 columns) is fine.
-        row_tile = _row_tile(shape[3], lanes)
+        # Columns on the lanes need a row tile of whole (half) vectors or one that nearly
+        # fills its vectors: a prime row (17, 19, 149 columns) gets scalar or mostly empty
+        # vectors (Inception's 1x7 on 17x17, AVX-512: 121 ms, as channel lanes 1.1 ms).
+        # Fine as columns: 8 of 16 lanes (56 columns), 14 of 16 (28 columns).
+        row_tile, half = _row_tile(shape[3], lanes), max(4, lanes // 2)
         fill = row_tile / (-(-row_tile // lanes) * lanes)
-        return shape[1] % max(4, lanes // 2) == 0 and (shape[3] < lanes or fill < 0.75)
+        odd = row_tile % half != 0 and fill < 0.75
+        return shape[1] % half == 0 and (shape[3] < lanes or odd)
 
     def rewrite(_bb: Any, call: Any) -> Any:
         a = call.attrs
