@@ -13,7 +13,8 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   residual add) is applied to the tile straight from the accumulators; tiles run in parallel.
   A depthwise conv (one channel per tile) takes several rows per tile instead. Rows narrower
   than a vector (7x7 and 14x14 maps) put output channels on the lanes instead, with weights
-  transposed at compile time (:func:`channels_last_weights`). The zero padding becomes a border
+  transposed at compile time (:func:`channels_last_weights`); so do rows whose best tile
+  fills its vectors badly (prime widths: 17, 19, 149). The zero padding becomes a border
   fill plus a condition-free copy.
 - Before the rules, two Relax rewrites give them better-shaped work: a transposed conv whose
   kernel equals its stride becomes a 1x1 conv plus a depth-to-space rearrangement
@@ -25,6 +26,11 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   parallel.
 - ``elementwise``: injective-only functions: producers inlined, the innermost loop vectorized,
   the outer ones run in parallel.
+- ``generic`` (:mod:`bnfold.targets._schedule_generic`), tried last: whatever the others leave
+  (float pools, global pools, reductions, softmax) gets parallel outer loops and a vectorized
+  inner one where legal, so no function keeps TVM's plain loop nest.
+- Before fusion, ``sigmoid`` becomes ``1 / (1 + fast_exp(-x))`` in vector arithmetic
+  (:mod:`bnfold.targets._fast_math`): SiLU / squeeze-excite epilogues stay in registers.
 
 A rule that cannot apply declines (the function keeps TVM's default loops), so an unusual
 operator costs speed, never correctness; ``bnfold compile`` verifies the result anyway.
@@ -335,17 +341,26 @@ def _weights_channels_last(sch: Any, conv: Any) -> bool:
 def _conv_channel_lanes(
     sch: Any, conv: Any, epilogue: Any, ext: list[int], lanes: int
 ) -> tuple[Any, str]:
-    """A conv whose output rows are narrower than a vector (7x7 maps): output channels on the
-    lanes instead of columns. A tile is ``J`` vectors of channels x ``xi`` columns of a row:
+    """A conv whose output rows are narrower than a vector (7x7 maps), or have no divisor that
+    fills one (17, 19, 149 columns): output channels on the lanes instead of columns.
+    A tile is ``J`` vectors of channels x ``xi`` columns of a row:
     per reduction step ``J`` weight vectors (contiguous: ``IHWO`` weights) and ``xi`` broadcast
     activations feed ``J * xi`` multiply-adds. The epilogue stores each vector with the
     channel stride (a scatter), once per tile."""
     _, ef, _, ex, _, ery, erx = ext
     n, f, y, x, rc, ry, rx = sch.get_loops(conv)
     budget = 16 if lanes >= 16 else 8
-    j = 2 if ef % (2 * lanes) == 0 and ex <= budget // 2 else 1
-    fi_n = j * lanes
+    # Channels in whole vectors, else in half vectors (728 channels: Xception, on AVX-512).
+    vec = lanes if ef % lanes == 0 else lanes // 2
+    j = 2 if ef % (2 * vec) == 0 and ex <= budget // 2 else 1
+    fi_n = j * vec
     xi_n = ex if ex * j <= budget else _divisor_at_most(ex, budget // j)
+    if 2 * xi_n <= budget // j:
+        # No useful divisor (a prime row: 17, 19, 149 columns): full tiles and a partial last
+        # one. Columns are unrolled here, not vectorized, so the tail costs a scalar test per
+        # column, not the vectorization; one accumulator per tile would run at FMA latency.
+        tiles = -(-ex // (budget // j))
+        xi_n = -(-ex // tiles)
     fo, fi = sch.split(f, factors=[None, fi_n])
     xo, xi = sch.split(x, factors=[None, xi_n])
     sch.reorder(n, fo, y, xo, rc, ry, rx, xi, fi)
@@ -402,7 +417,14 @@ def channels_last_weights(target: Any) -> Any:
         shape = _static_shape(call)
         if shape is None or len(shape) != 4:
             return False
-        return shape[1] % lanes == 0 and shape[3] < lanes
+        # Columns on the lanes need a row tile of whole (half) vectors or one that nearly
+        # fills its vectors: a prime row (17, 19, 149 columns) gets scalar or mostly empty
+        # vectors (Inception's 1x7 on 17x17, AVX-512: 121 ms, as channel lanes 1.1 ms).
+        # Fine as columns: 8 of 16 lanes (56 columns), 14 of 16 (28 columns).
+        row_tile, half = _row_tile(shape[3], lanes), max(4, lanes // 2)
+        fill = row_tile / (-(-row_tile // lanes) * lanes)
+        odd = row_tile % half != 0 and fill < 0.75
+        return shape[1] % half == 0 and (shape[3] < lanes or odd)
 
     def rewrite(_bb: Any, call: Any) -> Any:
         a = call.attrs
@@ -620,12 +642,21 @@ def _plain_copy_input(sch: Any, before: list[Any], ey: int, ex: int) -> bool:
     )
 
 
-# (rule, function) pairs tried in order by :func:`apply_rules`.
+def _generic(func: Any, target: Any) -> Any:
+    """The fallback rule (:mod:`bnfold.targets._schedule_generic`, which builds on this
+    module's helpers, hence the import here)."""
+    from bnfold.targets._schedule_generic import _generic as generic
+
+    return generic(func, target)
+
+
+# (rule, function) pairs tried in order by :func:`apply_rules`; the generic rule last.
 _RULES: tuple[tuple[str, Any], ...] = (
     ("bnfold_conv", _conv),
     ("bnfold_matmul", _matmul),
     ("bnfold_pool", _pool),
     ("bnfold_elementwise", _elementwise),
+    ("bnfold_generic", _generic),
 )
 
 
@@ -633,7 +664,8 @@ _RULES: tuple[tuple[str, Any], ...] = (
 class Match:
     """What happened to one PrimFunc: the rule that scheduled it (None: every rule declined,
     TVM's default loops stay) and the kind of operator it saw (``conv3x3``, ``depthwise``,
-    ``conv1x1``, ``dense``, ``elementwise``; ``""`` when declined)."""
+    ``conv1x1``, ``dense``, ``elementwise``, ``generic``); when declined, the last rule's
+    reason (or ``""``)."""
 
     function: str
     rule: str | None
@@ -660,8 +692,9 @@ def summarize(matches: list[Match]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _try(name: str, rule: Any, func: Any, target: Any) -> tuple[Any, str] | None:
-    """``rule(func, target)``, or None (declined) when a schedule primitive refuses."""
+def _try(name: str, rule: Any, func: Any, target: Any) -> tuple[Any, str] | str | None:
+    """``rule(func, target)``: a (schedule, kind) pair, or a decline: None, or its reason (a
+    string, from rules that give one), also when a schedule primitive refuses."""
     try:
         return rule(func, target)
     except Exception as e:  # a schedule primitive refused: keep the default loops
@@ -671,11 +704,14 @@ def _try(name: str, rule: Any, func: Any, target: Any) -> tuple[Any, str] | None
 
 def schedule_function(func: Any, target: Any, name: str = "") -> tuple[Any, Match]:
     """The first rule that takes ``func``: its schedule (None if all decline) and the match."""
+    reason = ""
     for rule_name, rule in _RULES:
         found = _try(rule_name, rule, func, target)
-        if found is not None:
+        if isinstance(found, str):
+            reason = f"{rule_name}: {found}"
+        elif found is not None:
             return found[0], Match(name, rule_name, found[1])
-    return None, Match(name, None, "")
+    return None, Match(name, None, reason)
 
 
 def cpu_rules() -> list[Any]:
@@ -686,7 +722,7 @@ def cpu_rules() -> list[Any]:
     def dlight_rule(rule_name: str, rule: Any) -> Any:
         def apply(func: Any, target: Any, _tunable: bool) -> Any:
             found = _try(rule_name, rule, func, target)
-            return None if found is None else found[0]
+            return None if found is None or isinstance(found, str) else found[0]
 
         return dl.ScheduleRule.from_callable(rule_name)(apply)
 
@@ -729,8 +765,11 @@ def fused_passes(target: Any) -> list[Any]:
     :mod:`bnfold.lower.tune`) schedule are the ones these passes leave."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
+    from bnfold.targets._fast_math import fast_sigmoid
+
     return [
         transposed_conv_as_conv(),
+        fast_sigmoid(),
         channels_last_weights(target),
         *cpu.library_dispatch_passes(target),
         *cpu.legalize_passes(target),

@@ -123,16 +123,22 @@ def _dense_ops(rng: np.random.Generator) -> list[Op]:
 
 
 def _pool_ops(_rng: np.random.Generator) -> list[Op]:
-    # Float pools keep TVM's default loops (the pool rule takes 8-bit ones, see
-    # test_lower_int8); they must still compute right.
+    # Float pools take the generic rule (the pool rule takes 8-bit ones, see
+    # test_lower_int8).
     return [
         Op(
             "MaxPool",
             (1, 8, 9, 7),
             attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+            kind="bnfold_generic:generic",
         ),
-        Op("AveragePool", (1, 4, 8, 10), attrs={"kernel_shape": [2, 2], "strides": [2, 2]}),
-        Op("GlobalAveragePool", (1, 16, 7, 9)),
+        Op(
+            "AveragePool",
+            (1, 4, 8, 10),
+            attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+            kind="bnfold_generic:generic",
+        ),
+        Op("GlobalAveragePool", (1, 16, 7, 9), kind="bnfold_generic:generic"),
         Op(
             "Add",
             (1, 8, 7, 9),
@@ -360,7 +366,7 @@ def test_rules_decline_what_they_cannot_take() -> None:
     assert {m.rule for m in kinds.values()} >= {"bnfold_conv", "bnfold_matmul"}
     for name, m in kinds.items():
         if "pool" in name:
-            assert m.rule is None  # float pools: TVM's default loops
+            assert m.rule == "bnfold_generic"  # float pools: no specific rule
         if "conv2d" not in name:
             assert _schedule.schedule_conv(funcs[name], target, False) is None
 
