@@ -16,8 +16,9 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
-from bnfold import lower, runtime
+from bnfold import runtime
 from bnfold.check import run_onnxruntime
+from bnfold.lower import compiler as lower
 from bnfold.targets import _schedule
 
 pytest.importorskip("tvm")
