@@ -168,7 +168,10 @@ def test_cpu_schedules_compute_what_the_default_loops_do(conv_bn: Path, tmp_path
                                 schedule=schedule)  # fmt: skip
         assert m.compile["schedules"] == ("bnfold cpu" if schedule else "tvm default")
         outs[schedule] = runtime.load(out)(x)["y"]
-    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+    # Scheduled reductions may add in another order (a global pool sums per-lane partial
+    # sums): equal up to float rounding at the output's own scale.
+    scale = float(np.abs(outs[False]).max())
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_conv_schedule_applies_to_a_fused_conv() -> None:

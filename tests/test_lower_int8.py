@@ -181,9 +181,10 @@ def test_relax_fallback_without_kernels(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def _residual_model(rng: np.random.Generator, relu: bool) -> onnx.ModelProto:
-    """x -> Conv -> Relu -> a; Conv(a) -> b; Add(a, b) (-> Relu) -> MaxPool (odd size, so
-    the pool's window overhangs) -> GlobalAveragePool -> Flatten -> Gemm (float output): a
-    residual connection of two quantized tensors, then a classifier."""
+    """x -> Conv -> Relu -> a; Relu(Conv(a)) -> b; Add(a, b) (-> Relu) -> MaxPool (odd size,
+    so the pool's window overhangs) -> GlobalAveragePool -> Flatten -> Gemm (float output): a
+    residual connection of two quantized tensors, then a classifier. (The Relu on the branch
+    keeps the sum a residual: Add(a, Conv(a)) would merge into one conv, merge_branches.)"""
     after = "r = Relu (s)" if relu else "r = Identity (s)"
     text = f"""
     <ir_version: 8, opset_import: ["" : 13]>
@@ -194,7 +195,8 @@ def _residual_model(rng: np.random.Generator, relu: bool) -> onnx.ModelProto:
     > {{
         c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
         a = Relu (c1)
-        b = Conv <pads = [1, 1, 1, 1]> (a, w2, b2)
+        c2 = Conv <pads = [1, 1, 1, 1]> (a, w2, b2)
+        b = Relu (c2)
         s = Add (a, b)
         {after}
         mp = MaxPool <kernel_shape = [3, 3], strides = [2, 2], pads = [0, 0, 1, 1]> (r)
