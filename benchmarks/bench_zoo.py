@@ -77,10 +77,12 @@ def _compile_fields(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _time(outdir: Path, path: Path, threads: int, rounds: int, block: int) -> dict[str, Any]:
+    # The machine is shared: its load when the model was timed says how far to trust the figure.
+    load = os.getloadavg()[0]
     times = measure({"compiled": (outdir, path), "ort": (outdir, path)}, threads, rounds, block)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"tvm_ms": med["compiled"], "ort_ms": med["ort"], "ratio": med["compiled"] / med["ort"],
-            "samples": len(times["compiled"])}  # fmt: skip
+            "samples": len(times["compiled"]), "loadavg_1m": round(load, 2)}  # fmt: skip
 
 
 def geomean(values: list[float]) -> float:
@@ -138,6 +140,7 @@ def plot(rows: list[dict[str, Any]], threads: list[int], dest: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     timed = [r for r in rows if r.get("latency")]
     if not timed:
@@ -154,6 +157,9 @@ def plot(rows: list[dict[str, Any]], threads: list[int], dest: Path) -> None:
         ax.barh(ys, vals, height=height, label=f"{t} thread(s)")
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
+    fmt = matplotlib.ticker.FormatStrFormatter("%.2g")
+    ax.xaxis.set_major_formatter(fmt)
+    ax.xaxis.set_minor_formatter(fmt)
     ax.set_yticks([y + height * (len(threads) - 1) / 2 for y in range(len(names))], names)
     ax.set_xlabel("latency bnfold / onnxruntime ORT_ENABLE_ALL (lower is better)")
     ax.legend(loc="lower right")
