@@ -84,6 +84,10 @@ class Arch:
     shape: tuple[int, ...] = (1, 3, 224, 224)
     segmentation: bool = False
     kwargs: tuple[tuple[str, Any], ...] = ()
+    # torchvision builder when ``name`` is a variant of it.
+    builder: str | None = None
+    # Strided convs pad TF-"same" (asymmetric, via F.pad), as TF-ported models do.
+    tf_same: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -123,13 +127,16 @@ ARCHS: dict[str, Arch] = {
         Arch("regnet_y_800mf", ("grouped", "se")),
         Arch("densenet169", ("concat-heavy", "bn-after-concat")),
         Arch("shufflenet_v2_x0_5", ("depthwise", "channel-shuffle", "concat")),
+        Arch("efficientnet_b0_tfsame", ("depthwise", "se", "silu", "pad-subgraph"),
+             builder="efficientnet_b0", tf_same=True),
     )
 }  # fmt: skip
 
 # The representative third that `make test` builds and compiles (one export style each, the
 # styles spread over it): grouped + SE, depthwise + SE + HardSwish, SE + SiLU, asymmetric 1x7/7x1,
-# dilated + resize, concat-heavy with BN after Concat, channel shuffle, plain residual, and a
-# model without any BN, chosen among the small members of each family to fit CI's time.
+# dilated + resize, concat-heavy with BN after Concat, channel shuffle, plain residual, a model
+# without any BN, and Pad amounts from a constant subgraph (TF-"same" padding), chosen among the
+# small members of each family to fit CI's time.
 CI: tuple[tuple[str, str], ...] = (
     ("regnet_y_400mf", "ts_bn"),
     ("mobilenet_v3_small", "dynamo"),
@@ -140,6 +147,7 @@ CI: tuple[tuple[str, str], ...] = (
     ("shufflenet_v2_x1_0", "dynamo"),
     ("resnet18", "ts_bn"),
     ("squeezenet1_1", "ts"),
+    ("efficientnet_b0_tfsame", "ts"),
 )
 
 
@@ -255,7 +263,9 @@ def build_model(tv: ModuleType, arch: Arch) -> torch.nn.Module:
         kwargs.update(weights_backbone=None, aux_loss=False)
         if arch.name.startswith("lraspp"):
             kwargs.pop("aux_loss")  # LR-ASPP has no auxiliary head
-    model = tv.models.get_model(arch.name, **kwargs)
+    model = tv.models.get_model(arch.builder or arch.name, **kwargs)
+    if arch.tf_same:
+        _tf_same_padding(model)
     randomize_bn(model, torch.Generator().manual_seed(seed_of(arch.name) + 1))
     if arch.segmentation:
         model = _out_only(model)
@@ -275,6 +285,40 @@ def _out_only(model: torch.nn.Module) -> torch.nn.Module:
             return self.inner(x)["out"]
 
     return OutOnly(model)
+
+
+def _tf_same_padding(model: torch.nn.Module) -> int:
+    """Make every strided Conv2d pad TF-"same" (the extra row/column at the bottom/right, through
+    ``F.pad``) instead of symmetrically; returns how many. This is how TF-ported models (timm's
+    ``tf_*`` EfficientNets, EfficientNet-Lite) arrive: torch exports the pad amounts as a small
+    constant subgraph feeding ``Pad``."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    class Conv2dSame(torch.nn.Module):
+        def __init__(self, conv: torch.nn.Conv2d) -> None:
+            super().__init__()
+            conv.padding = (0, 0)
+            self.conv = conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pads = []
+            for i, k, s, d in zip(x.shape[-2:], self.conv.kernel_size, self.conv.stride,
+                                  self.conv.dilation, strict=True):  # fmt: skip
+                total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+                pads.append((total // 2, total - total // 2))
+            (top, bottom), (left, right) = pads
+            return self.conv(F.pad(x, [left, right, top, bottom]))
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Conv2d) and max(child.stride) > 1:
+                setattr(parent, name, Conv2dSame(child))
+                n += 1
+    return n
 
 
 def model_input(arch: Arch) -> np.ndarray:
