@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--fresh", action="store_true", help="ignore the rows in --json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only print the table and redraw the plot from --json")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and verify only (a later run times them)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -192,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     threads = [int(t) for t in args.threads.split(",")]
+    if args.report_only:
+        import json
+
+        rows = json.loads(args.json.read_text())["rows"]
+        print(table(rows, threads))
+        plot(rows, threads, args.plot)
+        return 0
 
     index = zoo.read_index(args.zoo)["models"]
     names = args.only.split(",") if args.only else list(zoo.ARCHS)
