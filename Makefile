@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 CACHE   := .cache/models
+ZOO     := .cache/zoo
 OUT     := out
 STAMP   := $(VENV)/.installed
 DEMO    := mobilenet_v2
@@ -16,7 +17,8 @@ CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf debo
 export BNFOLD_ARM64_ROOT := $(BNFOLD_CACHE)/arm64-root
 RPC_PORT ?= 9091
 
-.PHONY: venv models demo test lint clean cross-tools browser arm64-root arm64-rpc-server bench bench-suite
+.PHONY: venv models demo test lint clean cross-tools browser arm64-root arm64-rpc-server bench \
+	bench-suite zoo zoo-ci bench-zoo test-zoo
 
 # The venv is rebuilt when the package metadata changes. torch is pinned to the CPU build that
 # this machine kind keeps on local disk (an unpinned torch would pull a multi-GB CUDA build).
@@ -32,6 +34,25 @@ venv: $(STAMP)
 # ResNet-18, real images) into a git-ignored cache.
 models: $(STAMP)
 	$(BIN)/python -m benchmarks.models --cache $(CACHE)
+
+# The architecture zoo: torchvision's CNN definitions (its pure-Python code from the
+# torchvision==0.28.0 wheel, unpacked into $(ZOO)/torchvision-site, never installed), seeded random
+# weights, exported three ways (TorchScript, TorchScript keeping BN, dynamo) into a git-ignored
+# cache. Cached: what exists (or is recorded as a failed export) is skipped.
+zoo: $(STAMP)
+	$(BIN)/python -m benchmarks.zoo --cache $(ZOO)
+
+# The representative third of the zoo that `make test` compiles (benchmarks.zoo.CI).
+zoo-ci: $(STAMP)
+	$(BIN)/python -m benchmarks.zoo --cache $(ZOO) --ci
+
+# Every zoo model compiled, verified and timed against onnxruntime: benchmarks/results/zoo.json/png.
+bench-zoo: zoo
+	$(BIN)/python -m benchmarks.bench_zoo --zoo $(ZOO)
+
+# Every zoo model through tests/test_zoo.py (make test runs only the CI third).
+test-zoo: zoo
+	BNFOLD_ZOO=$(ZOO) $(BIN)/pytest -q -m zoo tests/test_zoo.py
 
 demo: models
 	@mkdir -p $(OUT)
@@ -77,8 +98,8 @@ bench-suite: models
 lint: $(STAMP)
 	$(BIN)/ruff check bnfold passes targets tests benchmarks
 
-test: models lint cross-tools browser arm64-root
-	BNFOLD_MODELS=$(CACHE) $(BIN)/pytest -q
+test: models zoo-ci lint cross-tools browser arm64-root
+	BNFOLD_MODELS=$(CACHE) BNFOLD_ZOO=$(ZOO) $(BIN)/pytest -q
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache
