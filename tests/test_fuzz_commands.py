@@ -75,8 +75,10 @@ def test_fuzz_quantize(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
         model = case.materialize(root)
         out_dir = root / "out"
         out_dir.mkdir()
+        # The accuracy gate off, as compile runs with --no-verify: the fuzz checks how inputs
+        # are handled, and a hostile model's int8 outputs are garbage by design (exit 1).
         argv = ["quantize", str(model), "-o", str(out_dir / "o"), "--calib",
-                str(_calib(case, root)), "--eval-fraction", "0.5"]  # fmt: skip
+                str(_calib(case, root)), "--eval-fraction", "0.5", "--min-cosine", "0"]  # fmt: skip
         outcomes.append(_case_outcome(argv, case.name, out_dir, TIMEOUT_S,
                                       ("model.int8.onnx", "quant_report.json", "sqnr.png")))
     assert all(o.ok for o in outcomes), _failures(outcomes)
