@@ -42,21 +42,20 @@ import os
 import platform
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
 import zipfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.models import _fetch_wheel
 from bnfold import atomic
+from bnfold.deadline import deadline
 from bnfold.lower.compiler import sha256_file
 
 if TYPE_CHECKING:
@@ -153,10 +152,6 @@ CI: tuple[tuple[str, str], ...] = (
 
 class ZooError(RuntimeError):
     """The zoo cannot be built at all (torchvision unavailable, bad arguments)."""
-
-
-class ExportTimeout(Exception):
-    """An export ran past the time limit."""
 
 
 def file_name(arch: str, style: str) -> str:
@@ -331,22 +326,6 @@ def model_input(arch: Arch) -> np.ndarray:
 # Export
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float) -> Iterator[None]:
-    """Raise ExportTimeout in this (main) thread after ``seconds``."""
-
-    def fire(signum: int, frame: FrameType | None) -> None:
-        raise ExportTimeout(f"export ran past {seconds:g} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def export(model: torch.nn.Module, x: np.ndarray, style: str, dest: Path) -> None:
     """Export ``model`` at input ``x`` in ``style`` to the single self-contained file ``dest``."""
     import onnx
@@ -455,7 +434,8 @@ def build(
             }  # fmt: skip
             t1 = time.perf_counter()
             try:
-                with _time_limit(timeout_s):
+                # The same SIGALRM limit bnfold puts on RPC calls.
+                with deadline(timeout_s, f"exporting {path.name}"):
                     export(model, x, style, path)
                 entry["export_s"] = round(time.perf_counter() - t1, 2)
                 entry.update(_check_export(path, x, ref))
