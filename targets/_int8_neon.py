@@ -20,7 +20,7 @@ Dense convs (``groups == 1``), chosen by :func:`dense` from the target's feature
 Both kernels take signed activations: uint8 activations are shifted to int8 (``x - 128``, a
 flip of the top bit) and the bias absorbs ``128 * sum(w)``.
 
-Depthwise convs (``groups == C == O``) use :func:`_depthwise_neon` on every aarch64 target:
+Depthwise convs (``groups == C == O``) use :func:`depthwise` on every aarch64 target:
 one ``smlal`` per tap on int16. ``sdot`` would need the taps of one channel as the 4-byte
 reduction, i.e. a repack per output column, and is not used there.
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.targets._int8 import (
+from bnfold.targets._int8_common import (
     EP_COLS,
     INT32_MAX,
     INT32_MIN,
@@ -533,7 +533,7 @@ def _requant_vec4(
     return T.max(T.min(r, T.broadcast(qmax, n)), T.broadcast(qmin, n))
 
 
-def _depthwise_neon(
+def depthwise(
     geo: Geometry,
     x_dtype: str,
     x_zero_point: int,
