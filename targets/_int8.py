@@ -99,6 +99,7 @@ from bnfold.targets._int8_common import (  # noqa: F401  (re-exported: tests and
     INT32_MIN,
     LANES,
     Geometry,
+    QConv,
     Tile,
     _chunks,
     _epilogue_consts,
@@ -193,38 +194,24 @@ def supports_vnni(target: Any) -> bool:
 def conv2d_int8(
     x_shape: tuple[int, int, int, int],
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    strides: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     target: Any,
     tile: Tile | None = None,
     isa: str | None = None,
 ) -> tuple[Any, list[np.ndarray]] | None:
-    """A scheduled PrimFunc ``(x, *constants, out)`` and the constant arrays it takes after x,
-    or None when the case is not accelerated (see the module docstring).
+    """A scheduled PrimFunc ``(x, *constants, out)`` of conv ``q`` on an ``x_shape`` input and
+    the constant arrays it takes after x, or None when the case is not accelerated (see the
+    module docstring). The kernel is picked here: NEON / ``sdot`` on aarch64; on x86 AVX-512
+    VNNI, the AVX2 tap-paired kernel for few input channels, or AVX2.
 
     ``tile`` overrides the register tile of a dense conv, ``isa`` the x86 dense kernel
     (benchmarks, tests): ``"avx2"``, ``"vnni"`` (lanes chosen by :func:`vnni_lanes`),
     ``"vnni256"`` or ``"vnni512"``; None: VNNI where the target has it, else AVX2."""
     n, c, h, w = (int(d) for d in x_shape)
-    o, cg, kh, kw = (int(d) for d in weight.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    pt, pl, pb, pr = (int(p) for p in padding)
-    if x_dtype not in _DTYPES or out_dtype not in _DTYPES or weight.dtype != np.int8:
+    o, cg, kh, kw = (int(d) for d in q.weight.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr), groups = q.strides, q.dilation, q.padding, q.groups
+    if x_dtype not in _DTYPES or q.out_dtype not in _DTYPES or q.weight.dtype != np.int8:
         return None
-    # Python ints: a numpy scalar would make int64 constants inside the int32 vector code.
-    x_zero_point, out_zero_point = int(x_zero_point), int(out_zero_point)
-    clamp = (int(clamp[0]), int(clamp[1]))
     neon = _int8_neon.supports_neon(target)
     if not neon and not supports_avx2(target):
         logger.debug("int8 conv: no int8 kernel for target %s", target)
@@ -233,7 +220,7 @@ def conv2d_int8(
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if oh < 1 or ow < 1 or min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
         return None
-    if not (np.all(shift >= 1) and np.all(shift <= 62) and np.all(multiplier > 0)):
+    if not (np.all(q.shift >= 1) and np.all(q.shift <= 62) and np.all(q.multiplier > 0)):
         return None
     geo = Geometry(n, c, h, w, o, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow)
     if groups == 1 and cg == c:
@@ -241,8 +228,7 @@ def conv2d_int8(
             # One long row: no padding, no row tails, fewer partial vectors.
             geo = Geometry(n, c, 1, h * w, o, 1, 1, 1, 1, 1, 1, 0, 0, 1, h * w)
         if neon:
-            return _int8_neon.dense(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                                    out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+            return _int8_neon.dense(geo, x_dtype, q, tile, (n, c, h, w),
                                     (n, o, oh, ow), target)  # fmt: skip
         if (isa is None and supports_vnni(target)) or isa in ("vnni", "vnni256", "vnni512",
                                                                   "vnnioc"):
@@ -258,25 +244,20 @@ def conv2d_int8(
                 vl = 16
             if ocl and tile is None:
                 tile = choose_tile_vnni_oc(o, geo.oh, geo.ow, geo.kw)
-            return _dense_vnni(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                               out_zero_point, out_dtype, clamp, tile, vl, (n, c, h, w),
+            return _dense_vnni(geo, x_dtype, q, tile, vl, (n, c, h, w),
                                (n, o, oh, ow), ocl)  # fmt: skip
         kp = (kw + 1) // 2
         if dw == 1 and sw in (1, 2) and kw > 1 and c * kp <= (c + 1) // 2 * kw:
             # Few odd channels (an RGB input): pairing kernel taps wastes fewer lanes than
             # pairing channels (3 channels x 7x7: 84 vpmaddwd per step, not 98).
-            return _dense_direct(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                                 out_zero_point, out_dtype, clamp, tile)  # fmt: skip
+            return _dense_direct(geo, x_dtype, q, tile)  # fmt: skip
         tile = tile or choose_tile(o, geo.oh, geo.ow, geo.kw)
-        return _dense(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                      out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+        return _dense(geo, x_dtype, q, tile, (n, c, h, w),
                       (n, o, oh, ow))  # fmt: skip
     if groups == c == o and cg == 1 and neon:
-        return _int8_neon.depthwise(geo, x_dtype, x_zero_point, weight, bias, multiplier,
-                                          shift, out_zero_point, out_dtype, clamp)  # fmt: skip
+        return _int8_neon.depthwise(geo, x_dtype, q)  # fmt: skip
     if groups == c == o and cg == 1:
-        return _depthwise(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                          out_zero_point, out_dtype, clamp, tile)  # fmt: skip
+        return _depthwise(geo, x_dtype, q, tile)  # fmt: skip
     return None
 
 
@@ -297,18 +278,13 @@ def _x86_requant(T: Any, zp: int, qmin: int, qmax: int, big: bool, lanes: int = 
 def _dense(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile,
     x_shape: tuple[int, int, int, int],
     out_shape: tuple[int, int, int, int],
 ) -> tuple[Any, list[np.ndarray]]:
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -337,7 +313,7 @@ def _dense(
     wpad[:O, :C] = weight
     words = _words(wpad[:, 0::2], wpad[:, 1::2])  # (OB*OBN, CP, KH, KW)
     wq = np.ascontiguousarray(words.reshape(OB, OBN, CP, KH, KW).transpose(0, 2, 3, 4, 1))
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, OB * OBN)
+    ep = _epilogue_consts(bias, q, OB * OBN)
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
 
     def word(lo: Any, hi: Any) -> Any:
@@ -562,14 +538,7 @@ def vnni_lanes(ow: int) -> int:
 def _dense_vnni(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None,
     vl: int,
     x_shape: tuple[int, int, int, int],
@@ -586,6 +555,8 @@ def _dense_vnni(
     (zero beyond O and C, so the activation bytes there do not matter). ``vpdpbusd`` is
     non-saturating: a lane's 4 products (each ``|u8 * s8| <= 255 * 128``) and the int32
     accumulator add exactly. Tiles, row phases and the epilogue are as in :func:`_dense`."""
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -641,7 +612,7 @@ def _dense_vnni(
         bias2 = bias2 - 128 * weight.astype(np.int64).sum(axis=(1, 2, 3))
     if np.any(np.abs(bias2) >= 2**31):
         bias2 = np.clip(bias2, INT32_MIN, INT32_MAX)  # only if the true accumulator overflows
-    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
+    ep = _epilogue_consts(bias2.astype(np.int32), q,
                           OB * OBN)  # fmt: skip
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
     EPS = (EP_COLS, OB * OBN) if OCL else (OB * OBN, EP_COLS)
@@ -880,19 +851,14 @@ def _dense_vnni(
 def _dense_direct(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None = None,
 ) -> tuple[Any, list[np.ndarray]]:
     """The depthwise scheme (taps ``kx``, ``kx + 1`` paired, operands widened straight from the
     padded bytes) with a reduction over the input channels and ``OBN`` output channels per
     tile (weight words ``wq[ob, c, ky, kp, j]``)."""
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -918,7 +884,7 @@ def _dense_direct(
     wpad[:O, :, :, :KW] = weight
     words = _words(wpad[..., 0::2], wpad[..., 1::2])  # (O', C, KH, KP)
     wq = np.ascontiguousarray(words.reshape(OB, OBN, C, KH, KP).transpose(0, 2, 3, 4, 1))
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, OB * OBN)
+    ep = _epilogue_consts(bias, q, OB * OBN)
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
     x_shape = (N, C, H, W)
     out_shape = (N, O, OH, OW)
@@ -990,16 +956,11 @@ def _dense_direct(
 def _depthwise(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None = None,
 ) -> tuple[Any, list[np.ndarray]] | None:
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W = geo.n, geo.c, geo.h, geo.w
@@ -1035,7 +996,7 @@ def _depthwise(
     wpad = np.zeros((C, KH, 2 * KP), dtype=np.int8)
     wpad[:, :, :KW] = weight[:, 0]
     wq = np.ascontiguousarray(_words(wpad[:, :, 0::2], wpad[:, :, 1::2]))  # (C, KH, KP)
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
+    ep = _epilogue_consts(bias, q, C)
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
     x_shape = (N, C, H, W)
     out_shape = (N, C, OH, OW)

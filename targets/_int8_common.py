@@ -22,26 +22,47 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EP_COLS = 6  # per-channel epilogue constants, see _epilogue_consts
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class QConv:
+    """One quantized 2-D convolution, all but its input (NCHW): the input's zero point, the
+    int8 ``weight`` (OIHW), the int32 ``bias`` (in accumulator units, the ``-z_x sum W``
+    correction included), strides, pads (top, left, bottom, right), dilation and groups, the
+    fixed-point requantize per output channel (``multiplier`` in ``[2^30, 2^31)``, ``shift``),
+    the output's zero point and type, and the ``clamp`` of the output (activations included).
+
+    Every int8 conv kernel and the numpy reference take one; Python ints throughout (a numpy
+    scalar would make int64 constants inside the int32 vector code)."""
+
+    x_zero_point: int
+    weight: np.ndarray
+    bias: np.ndarray
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+    groups: int
+    multiplier: np.ndarray
+    shift: np.ndarray
+    out_zero_point: int
+    out_dtype: str
+    clamp: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        for name in ("x_zero_point", "groups", "out_zero_point"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("strides", "padding", "dilation", "clamp"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+
+
 # --------------------------------------------------------------------------------------------
 # Reference
 
 
-def reference_conv2d_int8(
-    x: np.ndarray,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    strides: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
-) -> np.ndarray:
-    """The exact int8 conv + requantize of the module docstring, in numpy (int64 throughout)."""
+def reference_conv2d_int8(x: np.ndarray, q: QConv) -> np.ndarray:
+    """The exact int8 conv + requantize of ``q`` on ``x``, in numpy (int64 throughout)."""
+    x_zero_point, weight, bias, strides = q.x_zero_point, q.weight, q.bias, q.strides
+    padding, dilation, groups, multiplier, shift = (
+        q.padding, q.dilation, q.groups, q.multiplier, q.shift
+    )
     n, c, h, w = x.shape
     o, cg, kh, kw = weight.shape
     sh, sw = strides
@@ -68,7 +89,7 @@ def reference_conv2d_int8(
     s = shift.astype(np.int64)[None, :, None, None]
     # int64 is exact here: |acc * m| < 2**62 and the rounding term is < 2**62.
     v = (acc * m + (np.int64(1) << (s - 1))) >> s
-    return np.clip(v + out_zero_point, clamp[0], clamp[1]).astype(out_dtype)
+    return np.clip(v + q.out_zero_point, q.clamp[0], q.clamp[1]).astype(q.out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,17 +132,12 @@ def _words(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return (lo16 | (hi16 << np.uint32(16))).view(np.int32)
 
 
-def _epilogue_consts(
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    clamp: tuple[int, int],
-    rows: int,
-) -> np.ndarray:
+def _epilogue_consts(bias: np.ndarray, q: QConv, rows: int) -> np.ndarray:
     """Per output channel (padded to ``rows``), int32 ``[bias, lo, hi, multiplier, shift1,
-    shift2]`` (``shift1 + shift2 = shift``, see the module docstring). int32 only: the caller
-    wraps the arrays with ``relax.const``, which silently narrows int64 arrays to int32."""
+    shift2]`` (``shift1 + shift2 = shift``, see the module docstring) of ``q``, with ``bias``
+    (``q.bias`` or the kernel's adjusted copy). int32 only: the caller wraps the arrays with
+    ``relax.const``, which silently narrows int64 arrays to int32."""
+    multiplier, shift, out_zero_point, clamp = q.multiplier, q.shift, q.out_zero_point, q.clamp
     ep = np.zeros((rows, EP_COLS), dtype=np.int32)
     ep[:, 3] = 1 << 30
     ep[:, 4] = 1

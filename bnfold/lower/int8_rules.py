@@ -529,11 +529,13 @@ class IntegerConv:
                     sh, sw = strides
                     x_shape = (*x_shape[:2], -(-x_shape[2] // sh), -(-x_shape[3] // sw))
                     k_strides = (1, 1)
+                spec = _int8.QConv(
+                    g.z_x, g.w_q, g.b_eff.astype(np.int32), k_strides, tuple(pad),
+                    tuple(dilation), int(a.groups), mult, shift, site.z_y, site.out_dtype,
+                    (int(lo.min()), int(hi.max())),
+                )  # fmt: skip
                 kernel = _try_kernel("conv", site.name, lambda: _int8.conv2d_int8(
-                    x_shape, str(g.x_q.ty.dtype), g.z_x, g.w_q, g.b_eff.astype(np.int32),
-                    k_strides, tuple(pad), tuple(dilation), int(a.groups), mult, shift,
-                    site.z_y, site.out_dtype, (int(lo.min()), int(hi.max())), ctx.target,
-                ))  # fmt: skip
+                    x_shape, str(g.x_q.ty.dtype), spec, ctx.target))  # fmt: skip
         return ConvMatch(g, mult, shift, lo, hi, kernel, subsample and kernel is not None)
 
     def emit(self, ctx: Context, site: QuantizeSite, m: ConvMatch) -> Any:
