@@ -17,7 +17,7 @@ CROSS_DEB := g++-aarch64-linux-gnu qemu-user-static g++-arm-linux-gnueabihf debo
 export BNFOLD_ARM64_ROOT := $(BNFOLD_CACHE)/arm64-root
 RPC_PORT ?= 9091
 
-.PHONY: venv models demo test lint clean cross-tools browser arm64-root arm64-rpc-server bench \
+.PHONY: venv models demo test lint clean cross-tools browser arm64-root arm64-rpc-server bench bench-aimet aimet-venv \
 	bench-suite zoo zoo-ci bench-zoo test-zoo
 
 # The venv is rebuilt when the package metadata changes. torch is pinned to the CPU build that
@@ -94,6 +94,26 @@ bench: models
 # Latency of 4 runtimes + fold time vs TVM's FoldBatchnormToConv2D on the real models, with plots.
 bench-suite: models
 	$(BIN)/python -m benchmarks.run --cache $(CACHE)
+
+# AIMET (aimet-onnx) for benchmarks/int8_aimet.py, in its own venv: it needs torch, which the
+# project does not. The CPU torch 2.13.0 from local disk first, then aimet-onnx without its
+# onnx2torch (used only by AdaScale/LoRA; it pulls torchvision, and that a CUDA torch of GBs).
+AIMET_VENV := .aimet-venv
+AIMET_DEPS := Jinja2 PyYAML bokeh hvplot jsonschema onnx onnx_ir onnxscript osqp pandas psutil \
+	pybind11 scikit-learn scipy tqdm
+aimet-venv: $(AIMET_VENV)/.installed
+$(AIMET_VENV)/.installed: $(STAMP)
+	$(PY) -m venv $(AIMET_VENV)
+	$(AIMET_VENV)/bin/pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(AIMET_VENV)/constraints.txt
+	$(AIMET_VENV)/bin/pip install -q -c $(AIMET_VENV)/constraints.txt $(AIMET_DEPS) \
+		onnxruntime==$$($(BIN)/python -c "import onnxruntime; print(onnxruntime.__version__)")
+	$(AIMET_VENV)/bin/pip install -q --no-deps aimet-onnx
+	$(AIMET_VENV)/bin/python -c "import aimet_onnx.quantsim, aimet_onnx.cross_layer_equalization"
+	touch $@
+
+bench-aimet: models aimet-venv
+	$(BIN)/python -m benchmarks.int8_aimet --cache $(CACHE) --aimet-python $(AIMET_VENV)/bin/python
 
 lint: $(STAMP)
 	$(BIN)/ruff check bnfold passes targets tests benchmarks
