@@ -16,7 +16,6 @@ name computes nothing the original has (it is left out instead of reported as a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ import onnx
 
 from bnfold import check
 from bnfold.errors import BnfoldError
-from bnfold.passes._util import TENSOR_MAP
+from bnfold.passes._util import TENSOR_MAP, parse_tensor_map
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -138,7 +137,7 @@ def pairs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[tuple[
     tmap: Mapping[str, str | None] = {}
     for prop in candidate.metadata_props:
         if prop.key == TENSOR_MAP:
-            tmap = json.loads(prop.value)
+            tmap = parse_tensor_map(prop.value)
     ref_types, cand_types = _float_types(reference), _float_types(candidate)
     found, seen = [], set()
     for node in candidate.graph.node:
