@@ -25,9 +25,13 @@ class InternalError(RuntimeError):
 
 
 def _count(model: ir.Model, op: str | None = None) -> int:
+    """Nodes (of type ``op``) in the main graph, its subgraphs and the model-local functions:
+    the report's BN records cover all three, so its totals must too."""
+    graphs = (model.graph, *model.functions.values())
     return sum(
         1
-        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        for g in graphs
+        for n in ir.traversal.RecursiveGraphIterator(g)
         if op is None or is_onnx_op(n, op)
     )
 
