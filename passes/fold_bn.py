@@ -550,8 +550,13 @@ def _consumers_through(
     try:
         if rank is None or rank < 2:
             raise Declined("rank of its input is unknown or below 2")
-        count = value.shape[1]
-        if not isinstance(count, int):
+        # The channel count: from the value's shape, or (shape inference left none) from a
+        # per-channel map itself; channels() checks it against the op's.
+        dim = value.shape[1] if value.shape is not None and len(value.shape) > 1 else None
+        count = dim if isinstance(dim, int) else None
+        if count is None and aff.axis is not None:
+            count = aff.scale.shape[0]
+        if count is None:
             raise Declined("channel count of its input is unknown")
         s, t = aff.channels(rank, 1, count)
         if is_onnx_op(node, *_through.FLATTEN_OPS):

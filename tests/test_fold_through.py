@@ -389,3 +389,20 @@ def test_forward_through_flatten_declines_with_reason(case: str) -> None:
     rec = report.batchnorms[0]
     assert rec.action == "affine" and reason in rec.reason, rec.reason
     assert "forward: " in rec.reason and count_ops(folded, "Mul") == 1
+
+
+def test_forward_without_inferred_shapes_declines() -> None:
+    """No value_info (only the graph's own shapes): the channel count comes from the BN, the
+    Flatten's H*W is unknown, so the fold declines (it once failed with a TypeError)."""
+    text = f"""{HEADER}
+    g (float[2,4,3,3] x) => (float[2,5] y) {{
+        {bn("x", "n")}
+        p = MaxPool <kernel_shape=[1,1]> (n)
+        f = Flatten (p)
+        y = Gemm (f, W)
+    }}"""
+    model = parse(text, W=w(36, 5), **stats(4))
+    model.graph.ClearField("value_info")
+    _, report = bnfold.fold(model)
+    rec = report.batchnorms[0]
+    assert rec.action != "folded" and "Flatten input shape is not (N, C, ...)" in rec.reason
