@@ -16,7 +16,6 @@ name computes nothing the original has (it is left out instead of reported as a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,7 +25,7 @@ import onnx
 
 from bnfold import check
 from bnfold.errors import BnfoldError
-from bnfold.passes._util import TENSOR_MAP
+from bnfold.passes._util import TENSOR_MAP, parse_tensor_map
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
@@ -67,17 +66,15 @@ class PerLayer:
 
     def table(self) -> str:
         """Plain-text table, then the first layer past the gate."""
-        lines = [f"{'layer (candidate tensor)':<36} {'op':<14} {'max_abs':>10} {'max_rel':>10} "
-                 f"{'cosine':>12}  result"]  # fmt: skip
-        for la in self.layers:
+        names = [_row_name(la) for la in self.layers]
+        width = max([36, *map(len, names)])
+        lines = [f"{'layer (candidate tensor)':<{width}} {'op':<14} {'max_abs':>10} "
+                 f"{'max_rel':>10} {'cosine':>12}  result"]  # fmt: skip
+        for la, name in zip(self.layers, names, strict=True):
             m = la.metrics
-            name = la.candidate
-            if la.reference != la.candidate:
-                name += f"={la.reference}"
-            name = name if len(name) <= 36 else "…" + name[-35:]
             res = "PASS" if m.passed else ("FAIL (NaN/Inf)" if not m.finite else "FAIL")
-            lines.append(f"{name:<36} {la.op[:14]:<14} {m.max_abs:>10.3g} {m.max_rel:>10.3g} "
-                         f"{m.cosine:>12.9f}  {res}")  # fmt: skip
+            lines.append(f"{name:<{width}} {la.op[:14]:<14} {m.max_abs:>10.3g} "
+                         f"{m.max_rel:>10.3g} {m.cosine:>12.9f}  {res}")  # fmt: skip
         first = self.first_failure
         lines.append(
             f"{len(self.layers)} layers compared; "
@@ -85,6 +82,19 @@ class PerLayer:
                f"first past the gate: {first.candidate} ({first.op})")
         )  # fmt: skip
         return "\n".join(lines)
+
+
+_NAME_WIDTH = 64
+
+
+def _row_name(layer: Layer) -> str:
+    """``candidate=reference`` when it fits, else the candidate alone: the name to look up in
+    the candidate model (a mapped reference name, e.g. a folded BN's output, repeats its
+    layer's tail). Cut from the left past ``_NAME_WIDTH``: exporters' names differ at the end."""
+    name = layer.candidate
+    if layer.reference != layer.candidate and len(name) + 1 + len(layer.reference) <= _NAME_WIDTH:
+        name += f"={layer.reference}"
+    return name if len(name) <= _NAME_WIDTH else "…" + name[-(_NAME_WIDTH - 1) :]
 
 
 def plot(result: PerLayer, path: str | os.PathLike[str], title: str = "") -> None:
@@ -138,7 +148,7 @@ def pairs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[tuple[
     tmap: Mapping[str, str | None] = {}
     for prop in candidate.metadata_props:
         if prop.key == TENSOR_MAP:
-            tmap = json.loads(prop.value)
+            tmap = parse_tensor_map(prop.value)
     ref_types, cand_types = _float_types(reference), _float_types(candidate)
     found, seen = [], set()
     for node in candidate.graph.node:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -15,7 +14,7 @@ import onnx_ir as ir
 from bnfold import ir as bir
 from bnfold.errors import BnfoldError
 from bnfold.passes import FP32, PASSES
-from bnfold.passes._util import TENSOR_MAP, BnfoldPassResult, is_onnx_op
+from bnfold.passes._util import BnfoldPassResult, is_onnx_op, read_tensor_map, write_tensor_map
 from bnfold.report import FoldReport, PassStat
 
 logger = logging.getLogger(__name__)
@@ -26,9 +25,13 @@ class InternalError(RuntimeError):
 
 
 def _count(model: ir.Model, op: str | None = None) -> int:
+    """Nodes (of type ``op``) in the main graph, its subgraphs and the model-local functions:
+    the report's BN records cover all three, so its totals must too."""
+    graphs = (model.graph, *model.functions.values())
     return sum(
         1
-        for n in ir.traversal.RecursiveGraphIterator(model.graph)
+        for g in graphs
+        for n in ir.traversal.RecursiveGraphIterator(g)
         if op is None or is_onnx_op(n, op)
     )
 
@@ -66,6 +69,7 @@ def fold(
     report = FoldReport(
         source=source, bn_before=_count(model, "BatchNormalization"), nodes_before=_count(model)
     )
+    read_tensor_map(model)  # a model folded before: its map, which this fold extends
     done: list[str] = []
     for name in steps:
         if name not in PASSES:
@@ -113,10 +117,8 @@ def fold(
                 )
         if name == "merge_branches":
             report.merges += [*changed, *declined]
-    tmap = {k: v for k, v in model.graph.meta.get(TENSOR_MAP, {}).items() if k != v}
-    if tmap:
-        # Saved with the model: `bnfold verify --per-layer` pairs the tensors by it.
-        model.metadata_props[TENSOR_MAP] = json.dumps(tmap, sort_keys=True)
+    # Saved with the model: `bnfold verify --per-layer` pairs the tensors by it.
+    write_tensor_map(model)
     report.bn_after = _count(model, "BatchNormalization")
     report.nodes_after = _count(model)
     if check:

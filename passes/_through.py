@@ -33,6 +33,24 @@ first, exactly, and then fold into *their* producers:
 Every op here must feed only the map (its output single-use), otherwise moving the map would
 change what its other consumers see. ``split`` returns, per input of the op, the value and the
 slice of ``(s, t)`` that now applies to it; it changes nothing in the graph.
+
+**Forward**, the same identities read the other way move a map from an op's input to its output
+(``op(s * x + t) == s * op(x) + t``), so fold_bn's forward fold walks through the one-input ops
+above (``FORWARD_OPS``: the pools and nearest resizes, with the same preconditions) to the
+Conv / Gemm / MatMul behind them. A ``Concat`` is not walked forward: the map would cover only
+one input's slice of its output. Forward only, a ``Flatten`` or ``Reshape`` that turns
+``(N, C, d_1..d_k)`` into ``(N, C * D)``, ``D = d_1 * ... * d_k``, keeps the row-major order, so
+channel ``c`` becomes the features ``c * D .. (c + 1) * D - 1``::
+
+    flatten(s * x + t)  ==  s' * flatten(x) + t',    s' = repeat(s, D),  t' = repeat(t, D)
+
+a per-feature map on axis 1 of the rank-2 result, which folds into a Gemm / MatMul reading it
+(``flatten_map``). Preconditions: the input's ``C, d_1..d_k`` are known numbers; ``Flatten`` has
+``axis == 1``; a ``Reshape``'s target is a constant of two entries that keeps the batch axis
+(``0``, ``-1`` with the features given, or the input's own static batch size) and resolves its
+second entry to ``C * D`` (``allowzero=1`` with a ``0`` in the target is declined). Any other
+target moves channels across rows or reorders them, and is declined with the target in the
+reason.
 """
 
 from __future__ import annotations
@@ -40,10 +58,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.passes._util import Declined, is_onnx_op
+from bnfold.passes._util import Declined, const_array, is_onnx_op
 
 _Part = tuple[ir.Value, np.ndarray, np.ndarray]  # an input of the op and its slice (s, t)
 THROUGH_OPS = ("Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Upsample")
+FORWARD_OPS = THROUGH_OPS[1:]  # the one-input ops: a map on a Concat's input is not per channel
+FLATTEN_OPS = ("Flatten", "Reshape")
 
 
 def _channels(value: ir.Value) -> int:
@@ -125,3 +145,53 @@ def split(node: ir.Node, s: np.ndarray, t: np.ndarray, rank: int) -> list[_Part]
     if not is_onnx_op(node, *THROUGH_OPS):
         raise Declined(f"{node.op_type} is not an op a map moves through")
     return _RULES[node.op_type](node, s, t, rank)
+
+
+def _static_dims(value: ir.Value, what: str) -> tuple[int, ...]:
+    """``value``'s shape, every axis after the batch axis a known number."""
+    dims = tuple(value.shape) if value.shape is not None else None
+    if dims is None or len(dims) < 2 or not all(isinstance(d, int) for d in dims[1:]):
+        raise Declined(f"{what} input shape is not (N, C, ...) with C and the rest known")
+    return dims
+
+
+def _reshape_keeps_rows(node: ir.Node, dims: tuple[int, ...], features: int) -> None:
+    """Decline unless ``node`` (a Reshape of a ``dims`` value) gives ``(N, features)``."""
+    target = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if target is None:
+        raise Declined("Reshape target shape is not a constant")
+    target = [int(d) for d in np.asarray(target).reshape(-1)]
+    if node.attributes.get_int("allowzero", 0) and 0 in target:
+        raise Declined(f"Reshape target {target} has a 0 with allowzero=1")
+    if len(target) != 2:
+        raise Declined(f"Reshape target {target} is not (batch, C*H*W)")
+    head, tail = target
+    # The second entry as a number: 0 copies the input's channel count, -1 is inferred.
+    second = {0: dims[1], -1: features}.get(tail, tail)
+    keeps_batch = head == 0 or (head == -1 and tail != -1) or (head > 0 and head == dims[0])
+    if not keeps_batch or second != features:
+        raise Declined(
+            f"Reshape target {target} does not keep the batch axis and flatten C*H*W={features} "
+            "in order"
+        )
+
+
+def flatten_map(node: ir.Node, s: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-channel map ``(s, t)`` on ``node``'s input as a per-feature map on its output.
+
+    ``node`` is a Flatten or Reshape (see the module docstring); raises Declined with the reason
+    when it does not keep the batch axis and the channel-major feature order.
+    """
+    if not is_onnx_op(node, *FLATTEN_OPS):
+        raise Declined(f"{node.op_type} is not Flatten/Reshape")
+    dims = _static_dims(node.inputs[0], node.op_type)
+    if dims[1] != s.shape[0]:
+        raise Declined(f"{node.op_type} input has {dims[1]} channels, the map {s.shape[0]}")
+    per_channel = int(np.prod(dims[2:], dtype=np.int64))
+    if node.op_type == "Flatten":
+        axis = node.attributes.get_int("axis", 1)
+        if (axis if axis >= 0 else axis + len(dims)) != 1:
+            raise Declined(f"Flatten axis {axis} is not 1 (the batch axis would not be kept)")
+    else:
+        _reshape_keeps_rows(node, dims, dims[1] * per_channel)
+    return np.repeat(s, per_channel), np.repeat(t, per_channel)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import numpy as np
@@ -187,3 +188,32 @@ def note_replaced(graph: ir.Graph, old: str, new: str) -> None:
 def note_changed(graph: ir.Graph, name: str) -> None:
     """``name`` keeps its name but computes something the original model has no tensor for."""
     tensor_map(graph)[name] = None
+
+
+def parse_tensor_map(text: str) -> dict[str, str | None]:
+    """A saved tensor map (``bnfold.tensor_map`` metadata); malformed text or entries, which
+    only a hand-edited model has, are dropped: names then pair as they are."""
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {k: v for k, v in saved.items() if isinstance(v, str | None)}
+
+
+def read_tensor_map(model: ir.Model) -> dict[str, str | None]:
+    """The graph's tensor map, seeded from the model's metadata when an earlier run wrote it
+    there (a folded model read back from its file): later rewrites then extend its chains."""
+    m = tensor_map(model.graph)
+    if not m and TENSOR_MAP in model.metadata_props:
+        m.update(parse_tensor_map(model.metadata_props[TENSOR_MAP]))
+    return m
+
+
+def write_tensor_map(model: ir.Model) -> None:
+    """Save the graph's tensor map in the model's metadata (``bnfold.tensor_map``), where
+    ``bnfold verify --per-layer`` reads it."""
+    tmap = {k: v for k, v in tensor_map(model.graph).items() if k != v}
+    if tmap:
+        model.metadata_props[TENSOR_MAP] = json.dumps(tmap, sort_keys=True)

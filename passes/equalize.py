@@ -58,7 +58,10 @@ from bnfold.passes._util import (
     const_array,
     is_onnx_op,
     label,
+    note_changed,
+    read_tensor_map,
     set_constant_input,
+    write_tensor_map,
 )
 
 logger = logging.getLogger(__name__)
@@ -272,6 +275,11 @@ def _finish_acts(graph: ir.Graph, namer: Namer, pair: Pair) -> None:
     s = pair.scale.reshape(shape)
     if np.all(pair.scale == 1.0):
         return
+    # The first conv's output and the chain's activations now hold s * (what they held): for
+    # `verify --per-layer` they compute no tensor of the original (the second conv's output
+    # still does).
+    for node in (pair.first.node, *pair.acts):
+        note_changed(graph, node.outputs[0].name)
 
     def inside(op: str, after: int, bound: float) -> bool:
         """A later Min (Max) whose bound is <= hi (>= lo) everywhere already clips inside the
@@ -296,8 +304,10 @@ def _finish_acts(graph: ir.Graph, namer: Namer, pair: Pair) -> None:
             # A Min/Max already after the Clip (from an earlier run) is rescaled instead.
             if np.isfinite(lo) and lo < 0 and not inside("Max", i, lo):
                 last = _insert_bound(graph, namer, last, "Max", lo * s)
+                note_changed(graph, last.outputs[0].name)
             if np.isfinite(hi) and not inside("Min", i, hi):
-                _insert_bound(graph, namer, last, "Min", hi * s)
+                bound = _insert_bound(graph, namer, last, "Min", hi * s)
+                note_changed(graph, bound.outputs[0].name)
 
 
 class Equalize(ir.passes.InPlacePass):
@@ -321,6 +331,7 @@ class Equalize(ir.passes.InPlacePass):
         graph = model.graph
         namer = Namer(graph)
         result = BnfoldPassResult(model, False)
+        read_tensor_map(model)
         layers: dict[ir.Node, _Layer] = {}
         pairs: list[Pair] = []
         for node in list(graph):
@@ -384,5 +395,6 @@ class Equalize(ir.passes.InPlacePass):
                     reason=f"via {via}",
                 )
             )
+        write_tensor_map(model)
         result.modified = True
         return result

@@ -26,6 +26,16 @@ and casting back to the model dtype:
 
    exact only where the convolution pads nothing (padding would have been ``t`` before the map),
    so a map with a non-zero shift before a padded Conv is declined with reason ``padding``.
+   A MatMul's following ``Add`` of a constant takes the shift ``W t`` as a Gemm's ``C`` does
+   (a Gemm without ``C`` gains one; a MatMul without a bias Add gets one).
+   **Through** a ``MaxPool`` (every ``s > 0``), an average pool (padding not counted) or a
+   nearest ``Resize`` the map moves onto the op's output and on to its consumers; through a
+   ``Flatten`` (axis 1) or a ``Reshape`` to ``(N, C*H*W)`` channel ``c`` becomes the features
+   ``c*H*W .. (c+1)*H*W - 1``, so the map, repeated ``H*W`` times per channel, folds into the
+   Gemm / MatMul that reads the flattened features (``W' = W * repeat(s)`` on the input-feature
+   axis, transB minded; ``b' = b + W repeat(t)``). The ops stay; the rules and their
+   preconditions are in passes/_through.py, and a failed one is the forward reason
+   (``through Flatten (...): ...``).
 3. A BatchNormalization that folds neither way becomes ``Mul(s) -> Add(t)``, which every runtime
    and quantizer handles (onnxruntime's quantizer leaves a lone BN in float).
 
@@ -33,10 +43,11 @@ Preconditions (each one that fails is reported as the reason): the map's paramet
 op's weights and bias are constant initializers (not graph inputs); ``training_mode == 0`` and
 ``spatial == 1`` (opset 7-8), and the running-statistics outputs are unused;
 ``var + epsilon > 0`` and every result finite (and within float16 range for float16 models);
-backward: the op's output feeds only the map; forward: every consumer of the map's output is a
-foldable Conv/Gemm/MatMul; the map's channel axis is the op's channel axis and the channel
-counts match. A weight used by another node is copied, never changed under it. Graph inputs and
-outputs keep their names.
+backward: the op's output feeds only the map; forward: every consumer of the map's output (or,
+through the ops above, of theirs) is a foldable Conv/Gemm/MatMul reading it as its data input
+(a Gemm with ``transA=0``), and none of those values is a graph output; the map's channel axis
+is the op's channel axis and the channel counts match. A weight used by another node is copied,
+never changed under it. Graph inputs and outputs keep their names.
 """
 
 from __future__ import annotations
@@ -255,6 +266,20 @@ def _site_of(node: ir.Node) -> Site:
     raise Declined(f"producer {node.op_type} is not Conv/ConvTranspose/Gemm/MatMul")
 
 
+def _is_bias_add(node: ir.Node) -> bool:
+    """An ``Add`` of a constant (per channel, or one value) after a MatMul: taken as its bias.
+
+    Its constant may broadcast along any axis: ``(x W + c) + d == x W + (c + d)`` whatever the
+    shape of ``d``, as long as the sum's output shape stays (``d`` has the MatMul's columns).
+    """
+    if not is_onnx_op(node, "Add"):
+        return False
+    try:
+        return bool(np.all(affine_of(node).scale == 1))
+    except Declined:
+        return False
+
+
 def find_site(aff: Affine) -> Site:
     """The linear op that produces ``aff``'s input, if the map can fold into it."""
     producer = aff.x.producer()
@@ -267,15 +292,10 @@ def find_site(aff: Affine) -> Site:
             (v.producer() for v in producer.inputs if v is not None and const_array(v) is None),
             None,
         )
-        if inner is not None and is_onnx_op(inner, "MatMul"):
-            try:
-                bias_aff = affine_of(producer)
-            except Declined:
-                bias_aff = None
-            if bias_aff is not None and np.all(bias_aff.scale == 1):
-                if not single_use(inner.outputs[0]):
-                    raise Declined("MatMul output has other consumers")
-                bias_add, producer = producer, inner
+        if inner is not None and is_onnx_op(inner, "MatMul") and _is_bias_add(producer):
+            if not single_use(inner.outputs[0]):
+                raise Declined("MatMul output has other consumers")
+            bias_add, producer = producer, inner
     if not single_use(aff.x):
         raise Declined(f"{producer.op_type} output has other consumers")
     site = _site_of(producer)
@@ -476,44 +496,103 @@ class _Consumer:
     bias: np.ndarray | None
     s: np.ndarray
     t: np.ndarray
+    # The values between the map and this consumer (outputs of the pools / Flatten it was
+    # reached through): they stay, but no longer compute the original tensors.
+    path: tuple[ir.Value, ...] = ()
+    bias_add: ir.Node | None = None  # MatMul's bias: the following Add of a constant
 
 
-def _consumers(aff: Affine) -> list[_Consumer]:
-    """Every consumer of the map's output, each foldable forward; else Declined."""
-    y = aff.node.outputs[0]
-    if y.is_graph_output():
+def _consumer(aff: Affine, node: ir.Node, rank: int | None) -> _Consumer:
+    """``node`` (reading the map's output, of rank ``rank``, as input 0) as a forward fold site."""
+    if not is_onnx_op(node, "Conv", "Gemm", "MatMul"):
+        raise Declined(f"consumer {node.op_type} ({label(node)}) is not Conv/Gemm/MatMul")
+    if np_dtype(node.outputs[0].dtype) is None:
+        raise Declined(f"consumer {label(node)} dtype cannot be folded")
+    if node.op_type == "Conv":
+        w, b = _weights(node)
+        group = node.attributes.get_int("group", 1)
+        s, t = aff.channels(w.ndim, 1, w.shape[1] * group)
+        pads = node.attributes.get_ints("pads", [])
+        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+        if np.any(t) and (any(pads) or auto_pad not in ("NOTSET", "VALID")):
+            raise Declined(f"padding: consumer {label(node)} pads its input and shift != 0")
+        return _Consumer(node, w, b, s, t)
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            raise Declined(f"consumer {label(node)} has transA=1")
+        w, b = _weights(node)
+        trans_b = bool(node.attributes.get_int("transB", 0))
+        s, t = aff.channels(2, 1, w.shape[1] if trans_b else w.shape[0])
+        return _Consumer(node, w, b, s, t)
+    w = const_array(node.inputs[1])
+    if w is None or w.ndim != 2:
+        raise Declined(f"consumer {label(node)} weight is not a constant 2-D initializer")
+    if rank is None:
+        raise Declined("rank of the MatMul input is unknown")
+    s, t = aff.channels(rank, rank - 1, w.shape[0])
+    out = node.outputs[0]
+    # MatMul -> Add(constant): the shift W t joins that bias instead of a second Add. (Its shape
+    # cannot change the output's: the sum has the MatMul's columns already.)
+    add = next(iter(out.uses())).node if single_use(out) else None
+    if add is not None and _is_bias_add(add):
+        bias = np.asarray(next(c for c in map(const_array, add.inputs) if c is not None))
+        return _Consumer(node, np.asarray(w, np.float64), bias.astype(np.float64), s, t,
+                         bias_add=add)  # fmt: skip
+    return _Consumer(node, np.asarray(w, np.float64), None, s, t)
+
+
+def _consumers_through(
+    aff: Affine, node: ir.Node, rank: int | None, path: tuple[ir.Value, ...]
+) -> list[_Consumer]:
+    """The consumers behind a pool / nearest Resize / Flatten / Reshape that reads the map's
+    output: the map moves onto that op's output (passes/_through.py) and folds further."""
+    value = node.inputs[0]
+    try:
+        if rank is None or rank < 2:
+            raise Declined("rank of its input is unknown or below 2")
+        # The channel count: from the value's shape, or (shape inference left none) from a
+        # per-channel map itself; channels() checks it against the op's.
+        dim = value.shape[1] if value.shape is not None and len(value.shape) > 1 else None
+        count = dim if isinstance(dim, int) else None
+        if count is None and aff.axis is not None:
+            count = aff.scale.shape[0]
+        if count is None:
+            raise Declined("channel count of its input is unknown")
+        s, t = aff.channels(rank, 1, count)
+        if is_onnx_op(node, *_through.FLATTEN_OPS):
+            (s, t), out_rank = _through.flatten_map(node, s, t), 2
+        else:
+            ((_, s, t),), out_rank = _through.split(node, s, t, rank), rank
+        out = node.outputs[0]
+        sub = dataclasses.replace(aff, scale=s, shift=t, axis=1, ndim=1)
+        return _consumers(sub, out, out_rank, (*path, out))
+    except Declined as e:
+        raise Declined(f"through {node.op_type} ({label(node)}): {e}") from e
+
+
+def _consumers(
+    aff: Affine,
+    value: ir.Value | None = None,
+    rank: int | None = None,
+    path: tuple[ir.Value, ...] = (),
+) -> list[_Consumer]:
+    """Every consumer of the map's output (``value``, of rank ``rank``), each foldable forward,
+    reached directly or through the ops of ``_through.FORWARD_OPS`` / ``FLATTEN_OPS``; else
+    Declined."""
+    if value is None:
+        value = aff.node.outputs[0]
+        rank = _rank(value) if _rank(value) is not None else _rank(aff.x)
+    if value.is_graph_output():
         raise Declined("output is a graph output")
     found = []
-    for use in y.uses():
+    for use in value.uses():
         node, idx = use.node, use.idx
-        if idx != 0 or not is_onnx_op(node, "Conv", "Gemm", "MatMul"):
-            raise Declined(f"consumer {node.op_type} ({label(node)}) is not Conv/Gemm/MatMul")
-        if np_dtype(node.outputs[0].dtype) is None:
-            raise Declined(f"consumer {label(node)} dtype cannot be folded")
-        if node.op_type == "Conv":
-            w, b = _weights(node)
-            group = node.attributes.get_int("group", 1)
-            s, t = aff.channels(w.ndim, 1, w.shape[1] * group)
-            pads = node.attributes.get_ints("pads", [])
-            auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
-            if np.any(t) and (any(pads) or auto_pad not in ("NOTSET", "VALID")):
-                raise Declined(f"padding: consumer {label(node)} pads its input and shift != 0")
-        elif node.op_type == "Gemm":
-            if node.attributes.get_int("transA", 0):
-                raise Declined(f"consumer {label(node)} has transA=1")
-            w, b = _weights(node)
-            trans_b = bool(node.attributes.get_int("transB", 0))
-            s, t = aff.channels(2, 1, w.shape[1] if trans_b else w.shape[0])
+        if idx == 0 and is_onnx_op(node, *_through.FORWARD_OPS, *_through.FLATTEN_OPS):
+            found += _consumers_through(aff, node, rank, path)
+        elif idx != 0:
+            raise Declined(f"consumer {node.op_type} ({label(node)}) reads it as input {idx}")
         else:
-            w = const_array(node.inputs[1])
-            if w is None or w.ndim != 2:
-                raise Declined(f"consumer {label(node)} weight is not a constant 2-D initializer")
-            w, b = np.asarray(w, np.float64), None
-            rank = _rank(y) if _rank(y) is not None else _rank(aff.x)
-            if rank is None:
-                raise Declined("rank of the MatMul input is unknown")
-            s, t = aff.channels(rank, rank - 1, w.shape[0])
-        found.append(_Consumer(node, w, b, s, t))
+            found.append(dataclasses.replace(_consumer(aff, node, rank), path=path))
     if not found:
         raise Declined("output has no consumers")
     return found
@@ -550,7 +629,10 @@ def _fold_forward(
             )
         else:
             w, shift = _linear.matrix_fold_input(c.weight, c.s, c.t, False)
-            bias = _cast(shift, dt, "bias") if np.any(shift) else None
+            bias = None
+            if np.any(shift):
+                bias = shift if c.bias is None else c.bias + shift
+                bias = _cast(bias, dt, "bias")
             plans.append((c, name, _cast(w, dt, "weight"), bias))
     for c, name, w, bias in plans:
         node = c.node
@@ -563,10 +645,20 @@ def _fold_forward(
                 if c.bias is None or beta == 0.0:
                     node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
                 set_constant_input(graph, namer, node, 2, bias, f"{name}_C")
+            elif c.bias_add is not None:
+                index = [const_array(v) is not None for v in c.bias_add.inputs].index(True)
+                set_constant_input(graph, namer, c.bias_add, index, bias, f"{name}_bias")
+                # The MatMul's own output now lacks W t; the Add's still computes the original.
+                note_changed(graph, node.outputs[0].name)
             else:
                 _append_add(graph, namer, node, bias, name)
-        node.replace_input_with(0, aff.x)
         names.append(name)
+    # The pools / Flatten the map was moved through stay, and now carry unmapped values.
+    for value in dict.fromkeys(v for c in consumers for v in c.path):
+        note_changed(graph, value.name)
+    y = aff.node.outputs[0]
+    for use in list(y.uses()):
+        use.node.replace_input_with(use.idx, aff.x)
     graph.remove(aff.node, safe=True)
     return names
 

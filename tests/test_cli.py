@@ -438,6 +438,41 @@ def test_inspect_json(model_path: Path):
     assert data["fold"]["counts"]["kept"] == 0
 
 
+FUNCTION_MODEL = """<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+g (float[1,3,6,6] x) => (float[1,4,4,4] y) {
+    c = Conv (x, W)
+    n = BatchNormalization (c, p_g, p_b, p_m, p_v)
+    y = local.Norm (n)
+}
+<domain: "local", opset_import: ["" : 17]>
+Norm (x) => (y) {
+    g = Constant <value = float[4] {1, 2, 3, 4}> ()
+    t = Constant <value = float[4] {0, 0.5, 1, 2}> ()
+    a = BatchNormalization (x, g, t, t, g)
+    y = BatchNormalization (a, g, t, t, g)
+}"""
+
+
+@pytest.mark.parametrize("brief", [False, True])
+def test_inspect_counts_bns_in_model_local_functions(tmp_path: Path, brief: bool):
+    """One BN in the graph folds; two in a function are reported, and counted: the summary's
+    totals agree with its records (before, it said "BN: 1 -> 0 ... kept 2")."""
+    rng = np.random.default_rng(4)
+    model = tmp_path / "fn.onnx"
+    onnx.save(parse(FUNCTION_MODEL, W=rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                    **_bn_params(rng, 4, "p")), model)  # fmt: skip
+    result = invoke("inspect", model, *(["--brief"] if brief else []))
+    assert result.exit_code == 0, result.output
+    assert "BN: 3 -> 2  (folded backward 1, forward 0, as Mul+Add 0, kept 2)" in result.output
+    assert "nodes: 7 -> 6" in result.output and "model-local functions: 1" in result.output
+    if not brief:
+        assert "function local.Norm: Constant 2, BatchNormalization 2" in result.output
+    data = json.loads(invoke("inspect", model, "--json").output)
+    assert data["functions"] == {"local.Norm": {"Constant": 2, "BatchNormalization": 2}}
+    fold = data["fold"]
+    assert (fold["bn_before"], fold["bn_after"], len(fold["batchnorms"])) == (3, 2, 3)
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: exit 2, one line on stderr, no traceback, nothing written
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,11 @@ def inspect(model: Path, as_json: bool, brief: bool, max_size: int | None) -> No
 
     proto = bir.load_proto(model, max_size_bytes=max_size)
     ops = collections.Counter(n.op_type for n in proto.graph.node)
+    # Model-local functions run as nodes of the graph; their own ops are listed per function.
+    functions = {
+        f"{f.domain}.{f.name}": collections.Counter(n.op_type for n in f.node)
+        for f in proto.functions
+    }
 
     def shape(vi: onnx.ValueInfoProto) -> str:
         dims = vi.type.tensor_type.shape.dim
@@ -134,6 +139,7 @@ def inspect(model: Path, as_json: bool, brief: bool, max_size: int | None) -> No
                     "inputs": inputs,
                     "outputs": outputs,
                     "ops": dict(ops.most_common()),
+                    "functions": {k: dict(c.most_common()) for k, c in functions.items()},
                     "fold": rep.to_dict(),
                 },
                 indent=2,
@@ -145,12 +151,16 @@ def inspect(model: Path, as_json: bool, brief: bool, max_size: int | None) -> No
         f"{model}: opset {bir.default_opset(proto)}, IR {proto.ir_version}, "
         f"producer {proto.producer_name or '?'} {proto.producer_version}, "
         f"{len(proto.graph.node)} nodes, {len(proto.graph.initializer)} initializers"
+        + (f", model-local functions: {len(functions)}" if functions else "")
     )
     for kind, rows in (("input", inputs), ("output", outputs)):
         for name, shp, dt in rows:
             click.echo(f"  {kind:<6} {name}: {dt}[{shp}]")
     if not brief:
         click.echo("ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+        for name, fops in functions.items():
+            listed = ", ".join(f"{k} {v}" for k, v in fops.most_common())
+            click.echo(f"  function {name}: {listed}")
     click.echo("")
     click.echo("what fold would do:")
     click.echo(rep.summary() if brief else rep.table())
