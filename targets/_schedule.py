@@ -266,12 +266,7 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
 
     # Accumulate the tile in a local buffer (registers after LLVM's SROA); the epilogue reads
     # it directly, so the full-size conv output is never written.
-    acc = sch.cache_write(conv, 0, "local")
-    sch.reverse_compute_at(acc, xo)
-    if epilogue is not None:
-        sch.reverse_compute_at(epilogue, xo)
-        sch.compute_inline(acc)
-        acc = epilogue
+    acc = _accumulate(sch, conv, epilogue, xo)
     if local_pad:
         # A depthwise conv does few operations per input element: a padded copy of the whole
         # input would be written and read back through memory. Pad the rows a tile reads,
@@ -296,6 +291,19 @@ def _conv(func: Any, target: Any) -> tuple[Any, str] | None:
     sch.parallel(sch.fuse(n, fo, yo))
     sch.decompose_reduction(conv, rc)
     return sch, conv_kind(int(ery), int(erx), depthwise)  # type: ignore[arg-type]
+
+
+def _accumulate(sch: Any, block: Any, epilogue: Any, loop: Any) -> Any:
+    """Accumulate ``block``'s tile in a local buffer (registers after LLVM's SROA), stored at
+    ``loop`` through the epilogue (if any), so the full-size result is never written; returns
+    the block that stores the tile."""
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, loop)
+    if epilogue is None:
+        return acc
+    sch.reverse_compute_at(epilogue, loop)
+    sch.compute_inline(acc)
+    return epilogue
 
 
 def _split_stride_phases(sch: Any, conv: Any, pad: Any) -> None:
@@ -410,6 +418,22 @@ def _channel_tile(ef: int, ex: int, lanes: int) -> tuple[int, int, int]:
     return vec, j, xi_n
 
 
+def _const_nchw_conv(call: Any) -> tuple[list[int], list[int]] | None:
+    """Input and output shapes of a Relax ``conv2d`` with NCHW data, constant OIHW weights and
+    static shapes; None for any other call."""
+    import tvm
+
+    if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        return None
+    a = call.attrs
+    if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None
+    x_shape, y_shape = _static_shape(call.args[0]), _static_shape(call)
+    if not isinstance(call.args[1], tvm.ir.expr.Constant) or x_shape is None or y_shape is None:
+        return None
+    return x_shape, y_shape
+
+
 def _live_taps(
     size: int, out: int, k: int, pad: int, pad_end: int, dil: int, stride: int
 ) -> tuple[int, int, int, int] | None:
@@ -439,18 +463,13 @@ def dead_taps_trimmed() -> Any:
     products are ``0 * w``, whose sum adds nothing (a ``-0.0`` sum may become ``+0.0``;
     an infinite or NaN weight would have made NaN there). Constant NCHW / OIHW weights."""
     import numpy as np
-    import tvm
     from tvm import relax
 
     def plan(call: Any) -> tuple[tuple[int, int, int, int], ...] | None:
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        shapes = _const_nchw_conv(call)
+        if shapes is None:
             return None
-        a, w = call.attrs, call.args[1]
-        if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
-            return None
-        x_shape, y_shape = _static_shape(call.args[0]), _static_shape(call)
-        if not isinstance(w, tvm.ir.expr.Constant) or x_shape is None or y_shape is None:
-            return None
+        (x_shape, y_shape), a, w = shapes, call.attrs, call.args[1]
         pads = [int(p) for p in a.padding]
         axes = []
         for ax in (0, 1):
@@ -513,18 +532,13 @@ def padded_taps_banded() -> Any:
     10 x 10 a 1x1 conv). The same live products; only the summation order differs (as between
     any two conv algorithms). Constant NCHW / OIHW weights."""
     import numpy as np
-    import tvm
     from tvm import relax
 
     def plan(call: Any) -> list[list[tuple[int, int, int, int]]] | None:
-        if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+        shapes = _const_nchw_conv(call)
+        if shapes is None:
             return None
-        a, w = call.attrs, call.args[1]
-        if (a.data_layout, a.kernel_layout, a.out_layout) != ("NCHW", "OIHW", "NCHW"):
-            return None
-        x_shape, y_shape = _static_shape(call.args[0]), _static_shape(call)
-        if not isinstance(w, tvm.ir.expr.Constant) or x_shape is None or y_shape is None:
-            return None
+        (x_shape, y_shape), a, w = shapes, call.attrs, call.args[1]
         axes, share = [], 1.0
         for ax in (0, 1):
             k = int(w.value.shape[2 + ax])
@@ -859,12 +873,7 @@ def _matmul(func: Any, target: Any) -> tuple[Any, str] | None:
     ro, ri = sch.split(row, factors=[None, mi_n])
     jo, ji = sch.split(j, factors=[None, ji_n])
     sch.reorder(jo, *outer, ro, k, ri, ji)
-    acc = sch.cache_write(red, 0, "local")
-    sch.reverse_compute_at(acc, ro)
-    if epilogue is not None:
-        sch.reverse_compute_at(epilogue, ro)
-        sch.compute_inline(acc)
-        acc = epilogue
+    acc = _accumulate(sch, red, epilogue, ro)
     # The tile's store (and epilogue): rows unrolled, columns in whole vectors.
     *tile_rows, cols = sch.get_loops(acc)[len(outer) + 2 :]
     c_o, c_i = sch.split(cols, factors=[None, lanes])
@@ -916,12 +925,7 @@ def _gemv(sch: Any, red: Any, epilogue: Any, ej: int, lanes: int) -> tuple[Any, 
             return None
     jo, ji = sch.split(j, factors=[None, ji_n])
     sch.reorder(*spatial, jo, k, ji)
-    acc = sch.cache_write(red, 0, "local")
-    sch.reverse_compute_at(acc, jo)
-    if epilogue is not None:
-        sch.reverse_compute_at(epilogue, jo)
-        sch.compute_inline(acc)
-        acc = epilogue
+    acc = _accumulate(sch, red, epilogue, jo)
     sch.vectorize(sch.get_loops(acc)[-1])
     sch.vectorize(ji)
     sch.parallel(sch.fuse(*spatial, jo))
