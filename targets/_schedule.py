@@ -13,15 +13,20 @@ are gone and MetaSchedule needs minutes per model, so these rules are applied wi
   residual add) is applied to the tile straight from the accumulators; tiles run in parallel.
   A depthwise conv (one channel per tile) takes several rows per tile instead. Rows narrower
   than a vector (7x7 and 14x14 maps) put output channels on the lanes instead, with weights
-  transposed at compile time (:func:`channels_last_weights`); so do rows whose best tile
-  fills its vectors badly (prime widths: 17, 19, 149). The zero padding becomes a border
-  fill plus a condition-free copy.
-- Before the rules, two Relax rewrites give them better-shaped work: a transposed conv whose
+  packed into contiguous panels of a tile's channels at compile time
+  (:func:`channels_last_weights`); so do rows whose best tile fills its vectors badly (prime
+  widths: 17, 19, 149) and, on full-width AVX-512, windowed convs on half-vector rows (56,
+  28 columns). The zero padding becomes a border fill plus a condition-free copy.
+- Before the rules, Relax rewrites give them better-shaped work: a transposed conv whose
   kernel equals its stride becomes a 1x1 conv plus a depth-to-space rearrangement
-  (:func:`transposed_conv_as_conv`), and convs on narrow maps get transposed weights
-  (:func:`channels_last_weights`).
-- ``matmul``: batch-1 dense layers whose output columns are contiguous in the weight: column
-  tiles vectorized, reduction outside, tiles in parallel.
+  (:func:`transposed_conv_as_conv`); kernel taps that only read padding are dropped
+  (:func:`dead_taps_trimmed`: a dilated conv on a small map becomes a 1x1 conv) and a conv
+  whose products mostly read padding runs as bands without padding
+  (:func:`padded_taps_banded`); convs on narrow maps get packed weights
+  (:func:`channels_last_weights`), and so do Linears on rows (:func:`packed_matmul_weights`).
+- ``matmul``: dense layers whose output columns are contiguous in the weight: for one row
+  (batch-1 dense) column tiles vectorized, reduction outside, tiles in parallel; for many
+  rows (a Linear on NHWC data) a register tile of rows x column vectors (``gemm``).
 - ``pool``: 8-bit max pooling (int8 models): padded rows made where they are read, rows in
   parallel.
 - ``elementwise``: injective-only functions: producers inlined, the innermost loop vectorized,
@@ -336,12 +341,16 @@ def _split_stride_phases(sch: Any, conv: Any, pad: Any) -> None:
 
 
 def _weights_channels_last(sch: Any, conv: Any) -> bool:
-    """Whether the conv reads its weights with the output channel innermost (``IHWO``, set by
-    :func:`channels_last_weights`)."""
+    """Whether the conv reads panel-packed weights, output channels innermost
+    (``[F / P, C, KH, KW, P]``, made by :func:`channels_last_weights`)."""
+    from tvm.tirx.analysis import undefined_vars
+
     block = sch.get(conv)
     f_var = block.iter_vars[1].var
     for region in block.reads:
-        if len(region.region) == 4 and region.region[3].min.same_as(f_var):
+        if len(region.region) == 5 and any(
+            v.same_as(f_var) for v in undefined_vars(region.region[4].min)
+        ):
             return True
     return False
 
@@ -352,7 +361,7 @@ def _conv_channel_lanes(
     """A conv whose output rows are narrower than a vector (7x7 maps), or have no divisor that
     fills one (17, 19, 149 columns): output channels on the lanes instead of columns.
     A tile is ``J`` vectors of channels x ``xi`` columns of a row:
-    per reduction step ``J`` weight vectors (contiguous: ``IHWO`` weights) and ``xi`` broadcast
+    per reduction step ``J`` weight vectors (contiguous: packed weights) and ``xi`` broadcast
     activations feed ``J * xi`` multiply-adds. The epilogue stores each vector with the
     channel stride (a scatter), once per tile."""
     _, ef, _, ex, _, ery, erx = ext
@@ -581,11 +590,17 @@ def padded_taps_banded() -> Any:
 def channels_last_weights(target: Any) -> Any:
     """A Relax pass: a dense NCHW conv2d whose output rows are narrower than a vector (7x7 and
     14x14 maps on AVX-512, 7x7 on AVX2) and whose output channels fill whole vectors gets its
-    constant weights transposed to ``IHWO`` at compile time, so that :func:`_conv` can put
-    the output channels on the lanes (with columns on the lanes, a 7-column row uses 7 of 16).
-    Measured, 1 thread, Zen 4 (AVX-512), ms before -> after: 1x1 320->1280 7x7 0.568 -> 0.392,
-    160->960 7x7 0.226 -> 0.158, 96->576 14x14 0.252 -> 0.237, 3x3 256->256 14x14 2.34 -> 2.10,
-    3x3 s2 128->256 28x28 1.30 -> 1.16; MobileNetV2 11.1 -> 10.7, ResNet-18 41.7 -> 39.6."""
+    constant weights packed at compile time into panels of the ``P`` output channels of a
+    channel-lanes tile (:func:`_channel_tile`), ``Wp[F / P, C, KH, KW, P]``, so that
+    :func:`_conv` can put the output channels on the lanes (with columns on the lanes, a
+    7-column row uses 7 of 16) and a tile's reduction reads one contiguous panel. The call
+    becomes a ``call_te`` of TOPI's NCHW conv reading ``Wp``: the same products in the same
+    order. Measured, 1 thread, Zen 4 (AVX-512), channel lanes (``IHWO`` weights) against
+    column lanes, ms: 1x1 320->1280 7x7 0.568 -> 0.392, 160->960 7x7 0.226 -> 0.158, 96->576
+    14x14 0.252 -> 0.237, 3x3 256->256 14x14 2.34 -> 2.10, 3x3 s2 128->256 28x28 1.30 -> 1.16.
+    Ice Lake, 1 thread, ratio to onnxruntime, ``IHWO`` -> panels (``IHWO`` rows of 512
+    channels are 2 KiB apart: a tile's reduction crossed a page every other step): 3x3
+    256->256 on 14x14 1.71 -> 0.90, 512->512 on 7x7 2.69 -> 1.22."""
     import numpy as np
     import tvm
     from tvm import relax
@@ -625,16 +640,50 @@ def channels_last_weights(target: Any) -> Any:
         part = lanes >= 16 and row_tile < lanes and window and full_width
         return shape[1] % half == 0 and (shape[3] < lanes or odd or part)
 
-    def rewrite(_bb: Any, call: Any) -> Any:
+    def rewrite(bb: Any, call: Any) -> Any:
         a = call.attrs
-        weight = np.ascontiguousarray(call.args[1].value.numpy().transpose(1, 2, 3, 0))
-        return relax.op.nn.conv2d(
-            call.args[0], relax.const(weight), strides=a.strides, padding=a.padding,
-            dilation=a.dilation, groups=a.groups, data_layout="NCHW", kernel_layout="IHWO",
-            out_layout="NCHW", out_dtype=a.out_dtype,
+        w = call.args[1].value.numpy()
+        o, i, kh, kw = w.shape
+        vec, j, _ = _channel_tile(o, _static_shape(call)[3], lanes)  # type: ignore[index]
+        panel = j * vec
+        packed = w.reshape(o // panel, panel, i, kh, kw).transpose(0, 2, 3, 4, 1)
+        return bb.call_te(
+            _packed_conv, call.args[0], relax.const(np.ascontiguousarray(packed)),
+            [int(v) for v in a.strides], [int(v) for v in a.padding],
+            [int(v) for v in a.dilation], primfunc_name_hint="conv2d_packed",
         )  # fmt: skip
 
     return _call_rewrite("bnfold.ChannelsLastWeights", wanted, rewrite)
+
+
+def _packed_conv(
+    x: Any, wp: Any, strides: list[int], padding: list[int], dilation: list[int]
+) -> Any:
+    """TOPI's NCHW conv2d (a ``pad_temp`` copy if padded, then the ``conv2d_nchw`` reduction
+    over ``rc, ry, rx``) reading panel-packed weights ``wp[f // P, c, ky, kx, f % P]``."""
+    from tvm import te, tirx, topi
+
+    n, c, h, w = x.shape
+    panels, _, kh, kw, p = wp.shape
+    top, left, bottom, right = padding
+    sy, sx = strides
+    dy, dx = dilation
+    if any(padding):
+        x = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], name="pad_temp")
+    oh = (h + top + bottom - dy * (kh - 1) - 1) // sy + 1
+    ow = (w + left + right - dx * (kw - 1) - 1) // sx + 1
+    rc = te.reduce_axis((0, c), name="rc")
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    return te.compute(
+        (n, panels * p, oh, ow),
+        lambda b, f, yy, xx: te.sum(
+            x[b, rc, yy * sy + ry * dy, xx * sx + rx * dx]
+            * wp[tirx.floordiv(f, p), rc, ry, rx, tirx.floormod(f, p)],
+            axis=[rc, ry, rx],
+        ),
+        name="conv2d_nchw",
+    )
 
 
 def packed_matmul_weights(target: Any) -> Any:

@@ -206,7 +206,7 @@ narrow (float[1, 24, 7, 7] x, float[1, 32, 7, 7] r, float[1, 16, 14, 12] z)
 
 def test_narrow_maps_put_output_channels_on_the_lanes(tmp_path: Path) -> None:
     """Rows narrower than a vector (7, 6, 12 columns) whose output channels fill vectors take
-    the channel-lanes tiling (IHWO weights, made at compile time), with residual-add, clip and
+    the channel-lanes tiling (packed weights, made at compile time), with residual-add, clip and
     no-bias epilogues, stride and dilation; the results match onnxruntime."""
     import tvm
 
@@ -343,8 +343,9 @@ def test_mostly_padded_convs_run_as_bands(tmp_path: Path) -> None:
 
 
 def test_channel_lanes_only_where_they_fit() -> None:
-    """The weight transpose is made only for dense NCHW convs with constant weights, output
-    channels a multiple of the vector and rows narrower than it."""
+    """The weight packing is made only for dense NCHW convs with constant weights, output
+    channels a multiple of the vector and rows narrower than it: that conv becomes a call of
+    a packed-weight conv, the others stay Relax convs with their OIHW weights."""
     import tvm
     from tvm import relax
 
@@ -368,7 +369,9 @@ def test_channel_lanes_only_where_they_fit() -> None:
     with target:
         mod = _schedule.channels_last_weights(target)(bb.get())
     layouts = [str(call.attrs.kernel_layout) for call in _conv_calls(mod["main"])]
-    assert layouts == ["IHWO", "OIHW", "OIHW"]
+    assert layouts == ["OIHW", "OIHW"]
+    packed = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert packed == ["conv2d_packed"]
 
 
 def _conv_calls(func: object) -> list[object]:
