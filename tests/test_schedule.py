@@ -98,6 +98,9 @@ def _conv_ops(rng: np.random.Generator) -> list[Op]:
         _conv(rng, (1, 24, 14, 14), 32, (1, 1), "conv1x1", relu=False),
         _conv(rng, (1, 3, 13, 11), 8, (5, 5), "conv5x5", stride=2, pad=2),
         _conv(rng, (1, 3, 16, 16), 8, (7, 7), "conv7x7", stride=2, pad=3),
+        # Dilation beyond the map: the taps that only read padding are dropped.
+        _conv(rng, (1, 8, 5, 16), 16, (3, 3), "conv1x3", pad=6, dilation=6),
+        _conv(rng, (1, 8, 6, 6), 16, (3, 3), "conv1x1", pad=8, dilation=8, relu=False),
     ]
 
 
@@ -119,6 +122,9 @@ def _dense_ops(rng: np.random.Generator) -> list[Op]:
         ),
         Op("MatMul", (1, 40), {"w": _w(rng, 40, 24)}, kind="bnfold_matmul:dense"),
         Op("MatMul", (2, 16), {"w": _w(rng, 16, 8)}, kind="bnfold_matmul:dense"),
+        # A Linear on NHWC rows (ConvNeXt): rows x column vectors, packed weights.
+        Op("MatMul", (1, 4, 6, 32), {"w": _w(rng, 32, 48)}, relu=True, kind="bnfold_matmul:gemm"),
+        Op("MatMul", (1, 2, 8, 24), {"w": _w(rng, 24, 64)}, kind="bnfold_matmul:gemm"),
     ]
 
 
@@ -200,7 +206,7 @@ narrow (float[1, 24, 7, 7] x, float[1, 32, 7, 7] r, float[1, 16, 14, 12] z)
 
 def test_narrow_maps_put_output_channels_on_the_lanes(tmp_path: Path) -> None:
     """Rows narrower than a vector (7, 6, 12 columns) whose output channels fill vectors take
-    the channel-lanes tiling (IHWO weights, made at compile time), with residual-add, clip and
+    the channel-lanes tiling (packed weights, made at compile time), with residual-add, clip and
     no-bias epilogues, stride and dilation; the results match onnxruntime."""
     import tvm
 
@@ -289,9 +295,57 @@ def test_transposed_convs_with_kernel_equal_to_stride_become_1x1_convs(
     assert len(transposed) == 2, transposed
 
 
+@pytest.mark.parametrize(
+    ("axis", "live"),
+    [
+        ((14, 14, 3, 36, 36, 36, 1), (1, 1, 0, 0)),  # DeepLabV3's ASPP: the centre tap only
+        ((14, 14, 3, 24, 24, 24, 1), (1, 1, 0, 0)),
+        ((2, 2, 5, 4, 4, 2, 1), (2, 2, 0, 0)),  # 5 taps, dilation 2, on 2 pixels
+        ((6, 3, 3, 3, 0, 3, 1), (1, 2, 0, 0)),  # padding on one side only
+        ((14, 14, 3, 12, 12, 12, 1), None),  # every tap reads some input
+        ((14, 14, 3, 1, 1, 1, 1), None),
+        ((7, 4, 3, 4, 4, 4, 2), None),  # strided: every tap reaches the map somewhere
+    ],
+)
+def test_dead_taps_along_an_axis(axis: tuple[int, ...], live: tuple[int, ...] | None) -> None:
+    """(size, outputs, taps, pad, pad at the end, dilation, stride) -> the live taps and the
+    padding that keeps the outputs, or None when nothing can be dropped."""
+    assert _schedule._live_taps(*axis) == live
+
+
+@pytest.mark.parametrize(
+    ("axis", "bands"),
+    [
+        # 14 outputs, 3 taps at dilation 12 (DeepLabV3): 2 outputs read taps 1-2, 10 only the
+        # centre, 2 taps 0-1.
+        ((14, 14, 3, 12, 12, 1), [(0, 2, 1, 2), (2, 12, 1, 1), (12, 14, 0, 1)]),
+        ((5, 5, 3, 1, 1, 1), [(0, 1, 1, 2), (1, 4, 0, 2), (4, 5, 0, 1)]),  # a plain 3x3 pad 1
+        ((4, 6, 3, 3, 1, 1), None),  # output 0 reads only padding
+    ],
+)
+def test_tap_bands_along_an_axis(axis: tuple[int, ...], bands: list[object] | None) -> None:
+    """(size, outputs, taps, pad, dilation, stride) -> runs of outputs reading the same taps."""
+    assert _schedule._tap_bands(*axis) == bands
+
+
+def test_mostly_padded_convs_run_as_bands(tmp_path: Path) -> None:
+    """A 3x3 conv at dilation 5 on 7 x 7 (27% of its products read input) runs as 3 x 3
+    bands without padding (the inner one a 1x1 conv, the corners 2x2); a 3x3 conv with
+    padding 1 stays one conv. Both match onnxruntime."""
+    rng = np.random.default_rng(8)
+    ops = [
+        _conv(rng, (1, 8, 7, 7), 16, (3, 3), "conv1x1", pad=5, dilation=5),
+        _conv(rng, (1, 8, 7, 9), 16, (3, 3), "conv3x3", pad=1),
+    ]
+    matches = _compile_and_compare(ops, "x86", tmp_path, rng)
+    kinds = {m.kind.split(" (")[0] for m in matches if m.rule == "bnfold_conv"}
+    assert kinds == {"conv1x1", "conv1x2", "conv2x1", "conv2x2", "conv3x3"}, matches
+
+
 def test_channel_lanes_only_where_they_fit() -> None:
-    """The weight transpose is made only for dense NCHW convs with constant weights, output
-    channels a multiple of the vector and rows narrower than it."""
+    """The weight packing is made only for dense NCHW convs with constant weights, output
+    channels a multiple of the vector and rows narrower than it: that conv becomes a call of
+    a packed-weight conv, the others stay Relax convs with their OIHW weights."""
     import tvm
     from tvm import relax
 
@@ -315,7 +369,9 @@ def test_channel_lanes_only_where_they_fit() -> None:
     with target:
         mod = _schedule.channels_last_weights(target)(bb.get())
     layouts = [str(call.attrs.kernel_layout) for call in _conv_calls(mod["main"])]
-    assert layouts == ["IHWO", "OIHW", "OIHW"]
+    assert layouts == ["OIHW", "OIHW"]
+    packed = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert packed == ["conv2d_packed"]
 
 
 def _conv_calls(func: object) -> list[object]:

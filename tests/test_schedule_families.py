@@ -202,3 +202,37 @@ def test_generic_rule_declines_with_its_reason() -> None:
     sch, match = _schedule.schedule_function(func, target, "sym")
     assert sch is None and match.rule is None
     assert match.kind == "bnfold_generic: symbolic loop extents"
+
+
+# ConvNeXt's MLP: a Linear on NHWC rows with a bias and an exact (erf) GELU, then a second
+# Linear back.
+LINEAR_GELU = """
+<ir_version: 8, opset_import: ["" : 17]>
+mlp (float[1, 4, 7, 32] x) => (float[1, 4, 7, 32] y) {
+    m = MatMul (x, w1)
+    a = Add (m, b1)
+    d = Div (a, sqrt2)
+    e = Erf (d)
+    e1 = Add (e, one)
+    g = Mul (a, e1)
+    h = Mul (g, half)
+    m2 = MatMul (h, w2)
+    y = Add (m2, b2)
+}
+"""
+
+
+def test_linear_on_rows_is_a_register_tiled_gemm_with_fast_gelu(tmp_path: Path) -> None:
+    """Both Linears take the matmul rule as row x column-vector tiles (``gemm``) on weights
+    packed at compile time; the GELU's erf is vector arithmetic fused into the first one's
+    epilogue; the result matches onnxruntime."""
+    model = _with_weights(LINEAR_GELU, {"w1": (32, 64), "b1": (64,), "w2": (64, 32),
+                                        "b2": (32,)}, 7)  # fmt: skip
+    for name, value in (("sqrt2", 2**0.5), ("one", 1.0), ("half", 0.5)):
+        model.graph.initializer.append(numpy_helper.from_array(np.float32(value), name))
+    matches = _compile_and_compare(model, "x86", tmp_path)
+    gemms = [m.function for m in matches if (m.rule, m.kind) == ("bnfold_matmul", "gemm")]
+    assert len(gemms) == 2, matches
+    assert all("matmul_packed" in f for f in gemms), gemms
+    assert any("fast_erf" in f for f in gemms), gemms
+    assert "unscheduled" not in _kinds(matches)
