@@ -77,13 +77,16 @@ def _compile_fields(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _time(outdir: Path, path: Path, threads: int, rounds: int, block: int) -> dict[str, Any]:
+def _time(outdir: Path, path: Path, threads: int, rounds: int, block: int,
+          cpu_time: bool) -> dict[str, Any]:  # fmt: skip
     # The machine is shared: its load when the model was timed says how far to trust the figure.
     load = os.getloadavg()[0]
-    times = measure({"compiled": (outdir, path), "ort": (outdir, path)}, threads, rounds, block)
+    engines = {"compiled": (outdir, path), "ort": (outdir, path)}
+    times = measure(engines, threads, rounds, block, cpu_time=cpu_time and threads == 1)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"tvm_ms": med["compiled"], "ort_ms": med["ort"], "ratio": med["compiled"] / med["ort"],
-            "samples": len(times["compiled"]), "loadavg_1m": round(load, 2)}  # fmt: skip
+            "samples": len(times["compiled"]), "loadavg_1m": round(load, 2),
+            "clock": "thread CPU time" if cpu_time and threads == 1 else "wall"}  # fmt: skip
 
 
 def geomean(values: list[float]) -> float:
@@ -190,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only print the table and redraw the plot from --json")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile and verify only (a later run times them)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="1 thread: time each run by its thread's CPU time (a shared host)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     args = parser.parse_args(argv)
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if row["status"] != "compile failed" and not args.compile_only:
             for t in threads:
                 if str(t) not in row["latency"]:
-                    row["latency"][str(t)] = _time(outdir, path, t, args.rounds, args.block)
+                    row["latency"][str(t)] = _time(outdir, path, t, args.rounds, args.block,
+                                                   args.cpu_time)
                     lat = row["latency"][str(t)]
                     logger.info("%-34s %dT tvm %8.2f ms ort %8.2f ms ratio %5.2f (unscheduled "
                                 "%d, compile %.1f s)", key, t, lat["tvm_ms"], lat["ort_ms"],

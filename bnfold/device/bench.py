@@ -47,6 +47,9 @@ PAUSE_S = 0.2
 WARMUP = 3
 
 
+CLOCK_ENV = "BNFOLD_BENCH_CLOCK"
+
+
 def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
     """A timing server: load, warm up, print ``ready``, then answer ``run N`` lines with a JSON
     list of N latencies in ms, until EOF or ``quit``. ``compiled*`` engines run the artifact in
@@ -80,6 +83,9 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
         def fn() -> None:
             sess.run(None, feeds)
 
+    # CPU time of this thread (measure(cpu_time=True), 1 thread): what a run costs, not how long
+    # it waited for a core on a shared machine.
+    clock = time.thread_time if os.environ.get(CLOCK_ENV) == "thread" else time.perf_counter
     for _ in range(WARMUP):
         fn()
     sys.stdout.write("ready\n")
@@ -91,18 +97,27 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
         fn()  # untimed: caches and the thread pool warm up again after the other engines
         times = []
         for _ in range(int(arg[0])):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((clock() - start) * 1e3)
         sys.stdout.write(json.dumps(times) + "\n")
         sys.stdout.flush()
 
 
 def measure(
-    models: dict[str, tuple[Path, Path]], threads: int, rounds: int, block: int
+    models: dict[str, tuple[Path, Path]], threads: int, rounds: int, block: int,
+    cpu_time: bool = False,
 ) -> dict[str, list[float]]:
-    """Latencies (ms) per engine; ``models`` maps engine -> (outdir, onnx model path)."""
+    """Latencies (ms) per engine; ``models`` maps engine -> (outdir, onnx model path).
+
+    ``cpu_time``: each run's CPU time in the engine's calling thread instead of wall-clock
+    time, for a shared machine. 1 thread only (there TVM and onnxruntime compute in the
+    calling thread); it does not remove cache and memory-bandwidth contention."""
+    if cpu_time and threads != 1:
+        raise BnfoldError("CPU-time measurement needs 1 thread")
     env = {**os.environ, "TVM_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    if cpu_time:
+        env[CLOCK_ENV] = "thread"
     servers: dict[str, subprocess.Popen[str]] = {}
     try:
         for engine, (outdir, model_path) in models.items():
