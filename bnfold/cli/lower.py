@@ -19,6 +19,7 @@ from bnfold.cli.progress import StepDisplay
 from bnfold.cli.quant import quant_options
 from bnfold.cli.types import ShapeType, tolerance_options
 from bnfold.errors import BnfoldError, CheckFailed
+from bnfold.quant.options import INT8_MODEL, INT8_OUTPUTS, QuantOptions
 from bnfold.targets import TARGETS
 
 
@@ -154,12 +155,13 @@ def compile_cmd(
     quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
     from bnfold.cli.fold import check_output_path
-    from bnfold.cli.quant import INT8_MODEL, INT8_OUTPUTS, run_quantize
+    from bnfold.cli.quant import run_quantize
     from bnfold.html_report import write_compile_report
     from bnfold.lower import compiler as lower
     from bnfold.outputs import check_folder, protected_files, staged_folder
 
-    if not int8 and quant["calib_path"] is not None:
+    options = QuantOptions(**quant)
+    if not int8 and options.calib_path is not None:
         raise click.UsageError("--calib is for --int8 (quantize, then compile)")
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")
@@ -177,7 +179,7 @@ def compile_cmd(
     with staged_folder(outdir, protected) as stage, contextlib.closing(display):
         source = model
         if int8:
-            run_quantize(model, stage, shown_as=outdir, **quant)
+            run_quantize(model, stage, options, shown_as=outdir)
             source = stage / INT8_MODEL
         try:
             manifest = lower.compile_model(source, target, stage, dict(shapes), verify,

@@ -46,13 +46,12 @@ from bnfold.passes.bias_correction import (
 from bnfold.passes.equalize import BN_STATS_KEY, Equalize
 from bnfold.passes.quantize_int8 import ACTIVATION_TYPES, MIN_OPSET, QuantizeInt8, plan
 from bnfold.quant import calib
+from bnfold.quant.options import BIAS_CORRECTION, DEFAULTS, METHODS
 from bnfold.steps import Steps
 
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
-METHODS = ("minmax", "percentile", "entropy")
-BIAS_CORRECTION = ("empirical", "analytic", "none")
 Progress = Callable[[str, int, int], None]
 
 
@@ -215,8 +214,8 @@ def calibrate(
     float_model: onnx.ModelProto,
     feeds: Sequence[Feeds],
     tensors: Sequence[str],
-    method: str = "minmax",
-    percentile: float = 99.999,
+    method: str = DEFAULTS.method,
+    percentile: float = DEFAULTS.percentile,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Activation ranges ``{tensor: (lo, hi)}`` from onnxruntime's calibrator for ``method``.
@@ -338,13 +337,13 @@ def quantize(
     model: ir.Model | onnx.ModelProto | str | os.PathLike[str],
     calib_feeds: Sequence[Feeds],
     *,
-    per_channel: bool = True,
-    activation_type: str = "uint8",
-    method: str = "minmax",
-    cle: bool = True,
-    bias_correction: bool | str = True,
-    exclude: Sequence[str] = (),
-    percentile: float = 99.999,
+    per_channel: bool = DEFAULTS.per_channel,
+    activation_type: str = DEFAULTS.activation_type,
+    method: str = DEFAULTS.method,
+    cle: bool = DEFAULTS.cle,
+    bias_correction: bool | str = DEFAULTS.bias_correction,
+    exclude: Sequence[str] = DEFAULTS.exclude,
+    percentile: float = DEFAULTS.percentile,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, QuantReport]:
