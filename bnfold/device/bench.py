@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold import artifact, runtime
+from bnfold import artifact, onnxrt, runtime
 from bnfold.device.deploy import reference_model
 from bnfold.errors import BnfoldError
 from bnfold.lower import compiler as lower
@@ -62,18 +62,8 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
             compiled.run(feeds)
 
     else:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            if engine == "ort_noopt"
-            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        )
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        sess = onnxrt.session(model_path, optimize=engine != "ort_noopt", threads=threads,
+                              log_severity=onnxrt.ERROR)  # fmt: skip
 
         def fn() -> None:
             sess.run(None, feeds)

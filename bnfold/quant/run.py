@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import onnx
@@ -27,13 +27,10 @@ from bnfold.quant import calib
 from bnfold.quant import report as quant_report
 from bnfold.quant import target as quant_target
 from bnfold.quant.options import INT8_MODEL, PLOT, REJECTED_MODEL, REPORT, QuantOptions
-from bnfold.quant.quantize import QuantReport
+from bnfold.quant.quantize import Progress, QuantReport, ticker
 from bnfold.quant.quantize import quantize as quantize_model
 
 logger = logging.getLogger(__name__)
-
-# (stage, done, total), e.g. for one progress bar per stage.
-Progress = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass
@@ -68,19 +65,6 @@ class QuantResult:
         )
 
 
-def _ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
-    """``tick(n)``: ``n`` more of ``total`` done in ``stage``, told to ``progress``."""
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(stage, done, total)
-
-    return tick
-
-
 def _samples(
     path: Path,
     specs: Sequence[calib.InputSpec],
@@ -92,7 +76,7 @@ def _samples(
     total = limit or 0
     if path.is_dir():
         total = min(len(calib.list_images(path)), limit or 10**9)
-    tick = _ticker(progress, stage, max(total, 1))
+    tick = ticker(progress, stage, max(total, 1))
     return calib.load_samples(path, specs, options.preprocess, limit, tick)
 
 
@@ -130,7 +114,7 @@ def quantize(
     held_batches = calib.batches(held, specs)
     n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
     acc = quant_report.evaluate(
-        model, int8, report, held_batches, progress=_ticker(progress, "evaluating", n_held)
+        model, int8, report, held_batches, progress=ticker(progress, "evaluating", n_held)
     )
     if options.target_cosine is not None:
         int8, report, acc = quant_target.reach_cosine(
