@@ -110,7 +110,7 @@ def quantize(
     else:
         cal, held = calib.split(samples, options.eval_fraction)
     kwargs = options.quantize_kwargs()
-    int8, report = quantize_model(model, cal, progress=progress, **kwargs)  # type: ignore[arg-type]
+    int8, report = quantize_model(model, cal, progress=progress, **kwargs)
     held_batches = calib.batches(held, specs)
     n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
     acc = quant_report.evaluate(
