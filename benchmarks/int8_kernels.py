@@ -103,11 +103,12 @@ def int8_runner(layer: tuple, target: Any, rng: np.random.Generator,
     wt = rng.integers(-127, 128, (o, c // g, k, k)).astype(np.int8)
     zp = 0
     bias = rng.integers(-(2**12), 2**12, o).astype(np.int32)
-    got = _int8.conv2d_int8(
-        x.shape, "uint8", zp, wt, bias, (s, s), (p, p, p, p), (1, 1), g,
+    spec = _int8.QConv(
+        zp, wt, bias, (s, s), (p, p, p, p), (1, 1), g,
         rng.integers(2**30, 2**31, o).astype(np.int32), np.full(o, 40, np.int32),
-        0, "uint8", (0, 255), target, isa=isa,
+        0, "uint8", (0, 255),
     )  # fmt: skip
+    got = _int8.conv2d_int8(x.shape, "uint8", spec, target, isa=isa)
     if got is None:
         return None
     func, consts = got

@@ -7,6 +7,7 @@ The registry key, the file name and the CLI name are the same word (``fold_bn`` 
 from __future__ import annotations
 
 from bnfold.passes.bias_correction import BiasCorrection
+from bnfold.passes.drop_implied_activations import DropImpliedActivations
 from bnfold.passes.equalize import Equalize
 from bnfold.passes.fold_bn import FoldBn
 from bnfold.passes.fold_pad import FoldPad
@@ -26,6 +27,7 @@ PASSES = {
     "equalize": Equalize,
     "bias_correction": BiasCorrection,
     "quantize_int8": QuantizeInt8,
+    "drop_implied_activations": DropImpliedActivations,
 }
 
 # The default fp32 pipeline, in order.
@@ -39,12 +41,16 @@ FP32 = (
 )
 # int8, on the folded graph; driven by bnfold.quant.quantize (needs calibration data).
 INT8 = ("equalize", "bias_correction", "quantize_int8")
+# Before the integer lowering of a QDQ model (bnfold.lower.compiler, on the frozen graph).
+LOWER_INT8 = ("drop_implied_activations",)
 
 __all__ = [
     "FP32",
     "INT8",
+    "LOWER_INT8",
     "PASSES",
     "BiasCorrection",
+    "DropImpliedActivations",
     "Equalize",
     "FoldBn",
     "FoldPad",

@@ -86,163 +86,39 @@ its numpy reference.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
 import numpy as np
 
+from bnfold.targets import _int8_neon
+from bnfold.targets._int8_common import (  # noqa: F401  (re-exported: tests and benchmarks)
+    _DTYPES,
+    EP_COLS,
+    INT32_MAX,
+    INT32_MIN,
+    LANES,
+    Geometry,
+    QConv,
+    Tile,
+    _chunks,
+    _epilogue_consts,
+    _finish,
+    _padded_rows_macro,
+    _requant,
+    _tile_macros,
+    _words,
+    acc_bounds,
+    reference_conv2d_int8,
+)
+
 logger = logging.getLogger(__name__)
 
-LANES = 8  # int32 lanes of a ymm register
 _PMADDWD = "llvm.x86.avx2.pmadd.wd"
-_DTYPES = {"uint8": (0, 255), "int8": (-128, 127)}
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-EP_COLS = 6  # per-channel epilogue constants, see _epilogue_consts
 
 
 # --------------------------------------------------------------------------------------------
-# Reference
-
-
-def reference_conv2d_int8(
-    x: np.ndarray,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    strides: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
-) -> np.ndarray:
-    """The exact int8 conv + requantize of the module docstring, in numpy (int64 throughout)."""
-    n, c, h, w = x.shape
-    o, cg, kh, kw = weight.shape
-    sh, sw = strides
-    dh, dw = dilation
-    pt, pl, pb, pr = padding
-    xp = np.full((n, c, h + pt + pb, w + pl + pr), x_zero_point, dtype=np.int64)
-    xp[:, :, pt : pt + h, pl : pl + w] = x
-    oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
-    ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    og = o // groups
-    acc = np.zeros((n, o, oh, ow), dtype=np.int64)
-    w64 = weight.astype(np.int64)
-    for g in range(groups):
-        xs = xp[:, g * cg : (g + 1) * cg]
-        wg = w64[g * og : (g + 1) * og]
-        for ky in range(kh):
-            for kx in range(kw):
-                win = xs[:, :, ky * dh : ky * dh + (oh - 1) * sh + 1 : sh,
-                         kx * dw : kx * dw + (ow - 1) * sw + 1 : sw]  # fmt: skip
-                acc[:, g * og : (g + 1) * og] += np.einsum("nchw,oc->nohw", win, wg[:, :, ky, kx])
-    acc += bias.astype(np.int64)[None, :, None, None]
-    assert np.all((acc >= INT32_MIN) & (acc <= INT32_MAX)), "int32 accumulator overflow"
-    m = multiplier.astype(np.int64)[None, :, None, None]
-    s = shift.astype(np.int64)[None, :, None, None]
-    # int64 is exact here: |acc * m| < 2**62 and the rounding term is < 2**62.
-    v = (acc * m + (np.int64(1) << (s - 1))) >> s
-    return np.clip(v + out_zero_point, clamp[0], clamp[1]).astype(out_dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Compile-time arithmetic
-
-
-def _requant(acc: int, m: int, s: int, zp: int) -> int:
-    return ((acc * m + (1 << (s - 1))) >> s) + zp
-
-
-def acc_bounds(m: int, s: int, zp: int, qmin: int, qmax: int) -> tuple[int, int]:
-    """``(lo, hi)``: the int32 range outside which the output is saturated at qmin / qmax.
-
-    Requantization is nondecreasing in the accumulator (``m > 0``), so clamping the accumulator
-    to ``[lo, hi]`` changes no output: ``lo`` is the largest accumulator that still gives
-    ``<= qmin`` (or INT32_MIN), ``hi`` the smallest that gives ``>= qmax`` (or INT32_MAX)."""
-
-    def first(pred: Any) -> int:  # smallest a in int32 with pred(a) true (pred monotone), or None
-        lo, hi = INT32_MIN, INT32_MAX
-        if not pred(hi):
-            return INT32_MAX + 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if pred(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
-
-    hi = min(first(lambda a: _requant(a, m, s, zp) >= qmax), INT32_MAX)
-    above = first(lambda a: _requant(a, m, s, zp) > qmin)  # first a giving > qmin
-    lo = max(above - 1, INT32_MIN)
-    return lo, hi
-
-
-def _words(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """int32 words of int16 pairs: low half ``lo``, high half ``hi`` (both int8-ranged)."""
-    lo16 = lo.astype(np.int16).view(np.uint16).astype(np.uint32)
-    hi16 = hi.astype(np.int16).view(np.uint16).astype(np.uint32)
-    return (lo16 | (hi16 << np.uint32(16))).view(np.int32)
-
-
-def _epilogue_consts(
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    clamp: tuple[int, int],
-    rows: int,
-) -> np.ndarray:
-    """Per output channel (padded to ``rows``), int32 ``[bias, lo, hi, multiplier, shift1,
-    shift2]`` (``shift1 + shift2 = shift``, see the module docstring). int32 only: the caller
-    wraps the arrays with ``relax.const``, which silently narrows int64 arrays to int32."""
-    ep = np.zeros((rows, EP_COLS), dtype=np.int32)
-    ep[:, 3] = 1 << 30
-    ep[:, 4] = 1
-    for o in range(len(bias)):
-        m, s = int(multiplier[o]), int(shift[o])
-        lo, hi = acc_bounds(m, s, out_zero_point, *clamp)
-        ep[o] = (int(bias[o]), lo, hi, m, min(s, 32), s - min(s, 32))
-    return ep
-
-
-# --------------------------------------------------------------------------------------------
-# Planning
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """The conv seen by the kernel: a 1x1 stride-1 unpadded conv is one row of H*W pixels."""
-
-    n: int
-    c: int
-    h: int
-    w: int
-    o: int
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    dh: int
-    dw: int
-    pt: int
-    pl: int
-    oh: int
-    ow: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Tile:
-    """Register tile: ``obn`` output channels x ``yt`` rows x ``xv`` vectors of 8 columns."""
-
-    obn: int
-    yt: int
-    xv: int
+# Planning (AVX2)
 
 
 def choose_tile(o: int, oh: int, ow: int, kw: int = 1) -> Tile:
@@ -318,41 +194,24 @@ def supports_vnni(target: Any) -> bool:
 def conv2d_int8(
     x_shape: tuple[int, int, int, int],
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    strides: tuple[int, int],
-    padding: tuple[int, int, int, int],
-    dilation: tuple[int, int],
-    groups: int,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     target: Any,
     tile: Tile | None = None,
     isa: str | None = None,
 ) -> tuple[Any, list[np.ndarray]] | None:
-    """A scheduled PrimFunc ``(x, *constants, out)`` and the constant arrays it takes after x,
-    or None when the case is not accelerated (see the module docstring).
+    """A scheduled PrimFunc ``(x, *constants, out)`` of conv ``q`` on an ``x_shape`` input and
+    the constant arrays it takes after x, or None when the case is not accelerated (see the
+    module docstring). The kernel is picked here: NEON / ``sdot`` on aarch64; on x86 AVX-512
+    VNNI, the AVX2 tap-paired kernel for few input channels, or AVX2.
 
     ``tile`` overrides the register tile of a dense conv, ``isa`` the x86 dense kernel
     (benchmarks, tests): ``"avx2"``, ``"vnni"`` (lanes chosen by :func:`vnni_lanes`),
     ``"vnni256"`` or ``"vnni512"``; None: VNNI where the target has it, else AVX2."""
     n, c, h, w = (int(d) for d in x_shape)
-    o, cg, kh, kw = (int(d) for d in weight.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    pt, pl, pb, pr = (int(p) for p in padding)
-    if x_dtype not in _DTYPES or out_dtype not in _DTYPES or weight.dtype != np.int8:
+    o, cg, kh, kw = (int(d) for d in q.weight.shape)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr), groups = q.strides, q.dilation, q.padding, q.groups
+    if x_dtype not in _DTYPES or q.out_dtype not in _DTYPES or q.weight.dtype != np.int8:
         return None
-    # Python ints: a numpy scalar would make int64 constants inside the int32 vector code.
-    x_zero_point, out_zero_point = int(x_zero_point), int(out_zero_point)
-    clamp = (int(clamp[0]), int(clamp[1]))
-    # Imported here: _int8_neon imports this module's shared pieces at its top.
-    from bnfold.targets import _int8_neon
-
     neon = _int8_neon.supports_neon(target)
     if not neon and not supports_avx2(target):
         logger.debug("int8 conv: no int8 kernel for target %s", target)
@@ -361,7 +220,7 @@ def conv2d_int8(
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
     if oh < 1 or ow < 1 or min(sh, sw, dh, dw) < 1 or min(pt, pl, pb, pr) < 0:
         return None
-    if not (np.all(shift >= 1) and np.all(shift <= 62) and np.all(multiplier > 0)):
+    if not (np.all(q.shift >= 1) and np.all(q.shift <= 62) and np.all(q.multiplier > 0)):
         return None
     geo = Geometry(n, c, h, w, o, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow)
     if groups == 1 and cg == c:
@@ -369,8 +228,7 @@ def conv2d_int8(
             # One long row: no padding, no row tails, fewer partial vectors.
             geo = Geometry(n, c, 1, h * w, o, 1, 1, 1, 1, 1, 1, 0, 0, 1, h * w)
         if neon:
-            return _int8_neon.dense(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                                    out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+            return _int8_neon.dense(geo, x_dtype, q, tile, (n, c, h, w),
                                     (n, o, oh, ow), target)  # fmt: skip
         if (isa is None and supports_vnni(target)) or isa in ("vnni", "vnni256", "vnni512",
                                                                   "vnnioc"):
@@ -386,36 +244,21 @@ def conv2d_int8(
                 vl = 16
             if ocl and tile is None:
                 tile = choose_tile_vnni_oc(o, geo.oh, geo.ow, geo.kw)
-            return _dense_vnni(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                               out_zero_point, out_dtype, clamp, tile, vl, (n, c, h, w),
+            return _dense_vnni(geo, x_dtype, q, tile, vl, (n, c, h, w),
                                (n, o, oh, ow), ocl)  # fmt: skip
         kp = (kw + 1) // 2
         if dw == 1 and sw in (1, 2) and kw > 1 and c * kp <= (c + 1) // 2 * kw:
             # Few odd channels (an RGB input): pairing kernel taps wastes fewer lanes than
             # pairing channels (3 channels x 7x7: 84 vpmaddwd per step, not 98).
-            return _dense_direct(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                                 out_zero_point, out_dtype, clamp, tile)  # fmt: skip
+            return _dense_direct(geo, x_dtype, q, tile)  # fmt: skip
         tile = tile or choose_tile(o, geo.oh, geo.ow, geo.kw)
-        return _dense(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                      out_zero_point, out_dtype, clamp, tile, (n, c, h, w),
+        return _dense(geo, x_dtype, q, tile, (n, c, h, w),
                       (n, o, oh, ow))  # fmt: skip
     if groups == c == o and cg == 1 and neon:
-        return _int8_neon._depthwise_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier,
-                                          shift, out_zero_point, out_dtype, clamp)  # fmt: skip
+        return _int8_neon.depthwise(geo, x_dtype, q)  # fmt: skip
     if groups == c == o and cg == 1:
-        return _depthwise(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                          out_zero_point, out_dtype, clamp, tile)  # fmt: skip
+        return _depthwise(geo, x_dtype, q, tile)  # fmt: skip
     return None
-
-
-def _chunks(tasks: int) -> int:
-    """Parallel tasks for ``tasks`` independent iterations: enough to balance any thread count
-    here, few enough that per-task set-up (workspace allocation) stays negligible."""
-    return max(1, min(tasks, 64))
-
-
-def _finish(func: Any) -> Any:
-    return func.with_attr("tirx.is_scheduled", True)
 
 
 def _x86_requant(T: Any, zp: int, qmin: int, qmax: int, big: bool, lanes: int = LANES) -> Any:
@@ -428,107 +271,6 @@ def _x86_requant(T: Any, zp: int, qmin: int, qmax: int, big: bool, lanes: int = 
     return requant
 
 
-def _padded_rows_macro(
-    T: Any, nr: int, hp: int, pt: int, h: int, w: int, rb: int, pl: int, zp: int,
-    x_dtype: str, lanes: int,
-) -> Any:  # fmt: skip
-    """``padded_rows(xf, xb)``: the TVMScript macro writing the ``nr`` zero-point-padded input
-    rows (``hp`` per image and channel, ``pt`` above the input, ``pl`` columns left, ``rb``
-    bytes each) of the flat NCHW input ``xf`` into ``xb``, rows in parallel chunks."""
-
-    @T.macro
-    def padded_rows(xf: Any, xb: Any) -> None:
-        for chunk in T.parallel(_chunks(nr)):
-            for r in range(chunk * nr // _chunks(nr), (chunk + 1) * nr // _chunks(nr)):
-                row = T.Bind(r % hp - pt)
-                src = T.Bind(r // hp * h * w + row * w)
-                base = T.Bind(r * rb)
-                if row >= 0 and row < h:
-                    for q in range(pl):
-                        xb[base + q] = T.cast(zp, x_dtype)
-                    for v in range(w // lanes):
-                        xb[T.ramp(base + pl + v * lanes, 1, lanes)] = xf[
-                            T.ramp(src + v * lanes, 1, lanes)
-                        ]
-                    for q in range(w // lanes * lanes, w):
-                        xb[base + pl + q] = xf[src + q]
-                    for v in range((rb - pl - w) // lanes):
-                        xb[T.ramp(base + pl + w + v * lanes, 1, lanes)] = T.broadcast(
-                            T.cast(zp, x_dtype), lanes
-                        )
-                    for q in range((rb - pl - w) // lanes * lanes + pl + w, rb):
-                        xb[base + q] = T.cast(zp, x_dtype)
-                else:
-                    for v in range(rb // lanes):
-                        xb[T.ramp(base + v * lanes, 1, lanes)] = T.broadcast(
-                            T.cast(zp, x_dtype), lanes
-                        )
-
-    return padded_rows
-
-
-def _tile_macros(
-    T: Any,
-    obn: int,
-    yt: int,
-    xv: int,
-    lanes: int,
-    n_out: int,
-    oh: int,
-    ow: int,
-    out_dtype: str,
-    requant: Any,
-    bind_acc: bool = False,
-) -> tuple[Any, Any]:
-    """``(init, store)``: the TVMScript macros every tiled kernel shares, for accumulators
-    ``acc[((j * yt + yy) * xv + v) * lanes + lane]`` of channel ``ob * obn + j``, row
-    ``y0 + yy``, columns ``x0 + v * lanes + lane``.
-
-    ``init(acc, ep_, ob)`` sets them to the channel's bias; ``store(acc, res, of, ep_, nn, ob,
-    y0, x0)`` requantizes each vector (``requant(acc_vector, ep_, o)``) into the local ``res``
-    and stores it into the flat NCHW output ``of`` of ``n_out`` channels (a row's tail lane by
-    lane; padding channels ``o >= n_out`` skipped). A depthwise kernel is ``obn == 1``.
-
-    ``bind_acc``: the accumulator vector as a let binding. It changes LLVM's instruction
-    selection (same results): each kernel keeps the form its speed was measured with."""
-    outv = f"{out_dtype}x{lanes}"
-
-    @T.macro
-    def init(acc: Any, ep_: Any, ob: Any) -> None:
-        for j in T.unroll(obn):
-            for i in T.unroll(yt * xv):
-                acc[T.ramp((j * yt * xv + i) * lanes, 1, lanes)] = T.broadcast(
-                    ep_[ob * obn + j, 0], lanes
-                )
-
-    @T.macro
-    def store(acc: Any, res: Any, of: Any, ep_: Any, nn: Any, ob: Any, y0: Any, x0: Any) -> None:
-        # Straight from the accumulators, before anything else is stored.
-        for j in T.unroll(obn):
-            for yy in T.unroll(yt):
-                for v in T.unroll(xv):
-                    o = T.Bind(ob * obn + j)
-                    if bind_acc:
-                        av = acc[T.ramp(((j * yt + yy) * xv + v) * lanes, 1, lanes)]
-                        res[T.ramp(0, 1, lanes)] = T.cast(requant(av, ep_, o), outv)
-                    else:
-                        res[T.ramp(0, 1, lanes)] = T.cast(
-                            requant(acc[T.ramp(((j * yt + yy) * xv + v) * lanes, 1, lanes)],
-                                    ep_, o),
-                            outv,
-                        )  # fmt: skip
-                    ob_ = T.Bind(((nn * n_out + o) * oh + y0 + yy) * ow + x0 + v * lanes)
-                    if o < n_out:
-                        if x0 + v * lanes + lanes <= ow:
-                            of[T.ramp(ob_, 1, lanes)] = res[T.ramp(0, 1, lanes)]
-                        else:
-                            for lane in range(lanes):
-                                if x0 + v * lanes + lane < ow:
-                                    of[ob_ + lane] = res[lane]
-
-    return init, store
-
-
 # --------------------------------------------------------------------------------------------
 # Dense conv (groups == 1)
 
@@ -536,18 +278,13 @@ def _tile_macros(
 def _dense(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile,
     x_shape: tuple[int, int, int, int],
     out_shape: tuple[int, int, int, int],
 ) -> tuple[Any, list[np.ndarray]]:
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -576,7 +313,7 @@ def _dense(
     wpad[:O, :C] = weight
     words = _words(wpad[:, 0::2], wpad[:, 1::2])  # (OB*OBN, CP, KH, KW)
     wq = np.ascontiguousarray(words.reshape(OB, OBN, CP, KH, KW).transpose(0, 2, 3, 4, 1))
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, OB * OBN)
+    ep = _epilogue_consts(bias, q, OB * OBN)
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
 
     def word(lo: Any, hi: Any) -> Any:
@@ -801,14 +538,7 @@ def vnni_lanes(ow: int) -> int:
 def _dense_vnni(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None,
     vl: int,
     x_shape: tuple[int, int, int, int],
@@ -825,6 +555,8 @@ def _dense_vnni(
     (zero beyond O and C, so the activation bytes there do not matter). ``vpdpbusd`` is
     non-saturating: a lane's 4 products (each ``|u8 * s8| <= 255 * 128``) and the int32
     accumulator add exactly. Tiles, row phases and the epilogue are as in :func:`_dense`."""
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -880,7 +612,7 @@ def _dense_vnni(
         bias2 = bias2 - 128 * weight.astype(np.int64).sum(axis=(1, 2, 3))
     if np.any(np.abs(bias2) >= 2**31):
         bias2 = np.clip(bias2, INT32_MIN, INT32_MAX)  # only if the true accumulator overflows
-    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
+    ep = _epilogue_consts(bias2.astype(np.int32), q,
                           OB * OBN)  # fmt: skip
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
     EPS = (EP_COLS, OB * OBN) if OCL else (OB * OBN, EP_COLS)
@@ -1119,19 +851,14 @@ def _dense_vnni(
 def _dense_direct(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None = None,
 ) -> tuple[Any, list[np.ndarray]]:
     """The depthwise scheme (taps ``kx``, ``kx + 1`` paired, operands widened straight from the
     padded bytes) with a reduction over the input channels and ``OBN`` output channels per
     tile (weight words ``wq[ob, c, ky, kp, j]``)."""
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -1157,7 +884,7 @@ def _dense_direct(
     wpad[:O, :, :, :KW] = weight
     words = _words(wpad[..., 0::2], wpad[..., 1::2])  # (O', C, KH, KP)
     wq = np.ascontiguousarray(words.reshape(OB, OBN, C, KH, KP).transpose(0, 2, 3, 4, 1))
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, OB * OBN)
+    ep = _epilogue_consts(bias, q, OB * OBN)
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
     x_shape = (N, C, H, W)
     out_shape = (N, O, OH, OW)
@@ -1229,16 +956,11 @@ def _dense_direct(
 def _depthwise(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None = None,
 ) -> tuple[Any, list[np.ndarray]] | None:
+    x_zero_point, weight, bias, shift = q.x_zero_point, q.weight, q.bias, q.shift
+    out_zero_point, out_dtype, clamp = q.out_zero_point, q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W = geo.n, geo.c, geo.h, geo.w
@@ -1274,7 +996,7 @@ def _depthwise(
     wpad = np.zeros((C, KH, 2 * KP), dtype=np.int8)
     wpad[:, :, :KW] = weight[:, 0]
     wq = np.ascontiguousarray(_words(wpad[:, :, 0::2], wpad[:, :, 1::2]))  # (C, KH, KP)
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
+    ep = _epilogue_consts(bias, q, C)
     BIG = bool(np.all(shift >= 32))  # see _requant_vec
     x_shape = (N, C, H, W)
     out_shape = (N, C, OH, OW)

