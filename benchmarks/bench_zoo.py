@@ -43,14 +43,14 @@ DEFAULT_PLOT = Path("benchmarks/results/zoo.png")
 
 def _compile(path: Path, outdir: Path) -> dict[str, Any]:
     """Compile (or reuse) ``path`` for x86 with verification; the row's compile fields."""
-    from bnfold import runtime
+    from bnfold import artifact
     from bnfold.errors import BnfoldError, CheckFailed
     from bnfold.lower import compiler as lower
 
-    if (outdir / lower.MANIFEST).is_file():
-        manifest = runtime.read_manifest(outdir)
-        if (manifest["source"]["sha256"] == lower.sha256_file(path)
-                and manifest["verification"].get("status") in ("passed", "failed")):  # fmt: skip
+    if (outdir / artifact.MANIFEST).is_file():
+        manifest = artifact.load(outdir)
+        if (manifest.source.get("sha256") == artifact.sha256_file(path)
+                and manifest.verification.get("status") in ("passed", "failed")):  # fmt: skip
             logger.info("%s: reusing %s", path.name, outdir)
             return _compile_fields(manifest)
     try:
@@ -59,12 +59,13 @@ def _compile(path: Path, outdir: Path) -> dict[str, Any]:
         logger.warning("%s: %s", path.name, exc)
     except BnfoldError as exc:
         return {"status": "compile failed", "reason": zoo._one_line(exc)}
-    return _compile_fields(runtime.read_manifest(outdir))
+    return _compile_fields(artifact.load(outdir))
 
 
-def _compile_fields(manifest: dict[str, Any]) -> dict[str, Any]:
-    c = manifest["compile"]
-    v = manifest["verification"]
+def _compile_fields(manifest: Any) -> dict[str, Any]:
+    """The row's compile fields from a folder's :class:`bnfold.artifact.Manifest`."""
+    c = manifest.compile
+    v = manifest.verification
     rules = c.get("schedule_rules", {})
     return {
         "status": "passed" if v.get("status") == "passed" else "verify failed",

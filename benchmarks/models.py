@@ -359,13 +359,9 @@ def _run_onnxruntime(path: Path, feeds: dict[str, np.ndarray], optimize: bool = 
     Graph optimizations are off by default: ONNX Runtime would otherwise fold the very
     BatchNormalization nodes under test into the convolutions.
     """
-    import onnxruntime as ort
+    from bnfold import onnxrt
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnxrt.session(path, optimize=optimize, log_severity=onnxrt.ERROR)
     return session.run(None, feeds)[0]
 
 

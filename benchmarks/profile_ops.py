@@ -93,14 +93,9 @@ def _compile(model_path: Path, outdir: Path) -> dict[str, str]:
 def _ort_ms(
     model_path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int, clock: Any
 ) -> float:
-    import onnxruntime as ort
+    from bnfold import onnxrt
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    sess = onnxrt.session(model_path, optimize=True, threads=threads, log_severity=onnxrt.ERROR)
     for _ in range(5):
         sess.run(None, feeds)
     times = []

@@ -55,8 +55,8 @@ import numpy as np
 
 from benchmarks.models import _fetch_wheel
 from bnfold import atomic
+from bnfold.artifact import sha256_file
 from bnfold.deadline import deadline
-from bnfold.lower.compiler import sha256_file
 
 if TYPE_CHECKING:
     import torch

@@ -3,11 +3,9 @@
 The reference runs in onnxruntime with every graph optimization off, so that what is compared is
 the model as written, not onnxruntime's own fusions (which fold BN too and would hide a bug).
 
-Metrics per output: max abs error, max relative error (element-wise, with the denominator floored
-at 1e-3 x max|reference| so near-zero elements do not dominate), cosine similarity, and for
-classifier-shaped outputs (N, K) top-1 agreement and top-5 agreement (the reference's top-1 is
-among the candidate's top 5). Gate: every value finite and
-``max_abs <= atol + rtol * max|reference|``.
+Metrics per output (:mod:`bnfold.metrics`, shared with the int8 report): max abs error, max
+relative error, cosine similarity, and for classifier-shaped outputs (N, K) top-1 and top-5
+agreement. Gate: every value finite and ``max_abs <= atol + rtol * max|reference|``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,10 @@ import numpy as np
 import onnx
 
 from bnfold import ir as bir
+from bnfold import onnxrt
+from bnfold import per_layer as layerwise
 from bnfold.errors import BnfoldError
+from bnfold.metrics import OutputMetrics, measure
 
 logger = logging.getLogger(__name__)
 
@@ -169,43 +170,10 @@ def load_arrays(path: str | os.PathLike[str], names: list[str]) -> Feeds:
 def run_onnxruntime(
     model: ModelLike, feeds: Feeds, *, optimize: bool = False, threads: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Run ``model`` in onnxruntime on the CPU; graph optimizations off unless ``optimize``."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    # 4 (fatal only): its errors reach the user as one BnfoldError line, not as its own log.
-    so.log_severity_level = 4
-    if threads:
-        so.intra_op_num_threads = threads
-    try:
-        sess = ort.InferenceSession(_model_bytes(model), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds), strict=True))
-    except BnfoldError:
-        raise
-    except Exception as e:
-        raise BnfoldError(f"onnxruntime cannot run the model: {str(e).splitlines()[0]}") from None
-
-
-@dataclasses.dataclass
-class OutputMetrics:
-    """Agreement of one output."""
-
-    name: str
-    shape: tuple[int, ...]
-    max_abs: float
-    max_rel: float
-    max_ref: float
-    cosine: float
-    finite: bool
-    top1: float | None = None
-    top5: float | None = None
-    passed: bool = False
+    """Run ``model`` in onnxruntime on the CPU; graph optimizations off unless ``optimize``
+    (the session: :func:`bnfold.onnxrt.session`)."""
+    sess = onnxrt.session(_model_bytes(model), optimize=optimize, threads=threads)
+    return onnxrt.run(sess, feeds)
 
 
 @dataclasses.dataclass
@@ -218,7 +186,7 @@ class VerifyResult:
     samples: int = 1
     reference: str = ""
     candidate: str = ""
-    layers: Any = None  # bnfold.per_layer.PerLayer with --per-layer (diagnostic, not the gate)
+    layers: layerwise.PerLayer | None = None  # --per-layer (diagnostic, not the gate)
 
     @property
     def passed(self) -> bool:
@@ -264,51 +232,6 @@ class VerifyResult:
         return "\n".join(lines)
 
 
-def _metrics(
-    name: str, ref: np.ndarray, got: np.ndarray, atol: float, rtol: float
-) -> OutputMetrics:
-    for what, value in (("reference", ref), ("candidate", got)):
-        if not isinstance(value, np.ndarray | np.generic):
-            raise BnfoldError(
-                f"output '{name}' of the {what} is a {type(value).__name__}, not a tensor "
-                "(a sequence or map output): verify compares tensor outputs only"
-            )
-    if np.shape(ref) != np.shape(got):
-        raise BnfoldError(f"output '{name}': shapes differ, {np.shape(ref)} vs {np.shape(got)}")
-    a = np.asarray(ref, np.float64)
-    b = np.asarray(got, np.float64)
-    finite = bool(np.all(np.isfinite(a)) and np.all(np.isfinite(b)))
-    if not finite or a.size == 0:
-        return OutputMetrics(
-            name,
-            tuple(a.shape),
-            float("nan"),
-            float("nan"),
-            float("nan"),
-            float("nan"),
-            finite,
-            passed=False if not finite else True,
-        )
-    with np.errstate(over="ignore"):  # outputs near the float64 max: an Inf error is FAIL
-        diff = np.abs(a - b)
-    max_ref = float(np.max(np.abs(a)))
-    floor = max(1e-3 * max_ref, np.finfo(np.float64).tiny)
-    max_rel = float(np.max(diff / np.maximum(np.abs(a), floor)))
-    # Cosine of the vectors scaled to max 1: the same angle, and no overflow in the dot product.
-    sa, sb = (x.ravel() / top if (top := np.max(np.abs(x))) > 0 else x.ravel() for x in (a, b))
-    na, nb = np.linalg.norm(sa), np.linalg.norm(sb)
-    cosine = float(np.dot(sa, sb) / (na * nb)) if na > 0 and nb > 0 else float(na == nb)
-    m = OutputMetrics(name, tuple(a.shape), float(diff.max()), max_rel, max_ref, cosine, finite)
-    if a.ndim == 2 and a.shape[1] >= 2:
-        top_ref = np.argmax(a, axis=1)
-        m.top1 = float(np.mean(top_ref == np.argmax(b, axis=1)))
-        if a.shape[1] >= 5:
-            top5_got = np.argsort(-b, axis=1)[:, :5]
-            m.top5 = float(np.mean([t in row for t, row in zip(top_ref, top5_got, strict=True)]))
-    m.passed = m.max_abs <= atol + rtol * max_ref
-    return m
-
-
 def compare_outputs(
     ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], atol: float, rtol: float
 ) -> VerifyResult:
@@ -316,7 +239,7 @@ def compare_outputs(
     missing = [n for n in ref if n not in got]
     if missing:
         raise BnfoldError(f"candidate has no output(s) {missing}")
-    return VerifyResult([_metrics(n, ref[n], got[n], atol, rtol) for n in ref], atol, rtol)
+    return VerifyResult([measure(n, ref[n], got[n], atol, rtol) for n in ref], atol, rtol)
 
 
 def _concat(runs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -408,8 +331,6 @@ def verify(
     result.reference = str(reference) if isinstance(reference, (str, os.PathLike)) else ""
     result.candidate = str(candidate) if isinstance(candidate, (str, os.PathLike)) else ""
     if per_layer:
-        from bnfold import per_layer as layerwise
-
         if callable(candidate) and not isinstance(candidate, (onnx.ModelProto, bytes)):
             raise BnfoldError("--per-layer compares two ONNX models, not a compiled artifact")
         cand_proto = _proto(candidate, max_size_bytes)

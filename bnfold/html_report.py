@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bnfold.artifact import Manifest
 from bnfold.atomic import write_bytes
 
 _CSS = """
@@ -133,12 +134,11 @@ def _verify_section(result: Mapping[str, Any] | None, note: str | None = None) -
     return "".join(parts)
 
 
-def _compile_section(manifest: Mapping[str, Any]) -> str:
-    c = manifest.get("compile", {})
-    target = manifest.get("target", {})
+def _compile_section(manifest: Manifest) -> str:
+    c = manifest.compile
     parts = [
         "<h2>Compile</h2>",
-        f"<p>Target <code>{_e(target.get('spec'))}</code> ({_e(target.get('device'))}), "
+        f"<p>Target <code>{_e(manifest.spec)}</code> ({_e(manifest.device)}), "
         f"{_num(c.get('seconds'))} s, peak RSS {_num(c.get('peak_rss_mb'))} MB, schedules: "
         f"{_e(c.get('schedules'))}.</p>",
     ]
@@ -171,7 +171,7 @@ def render(
     fold: Mapping[str, Any],
     verification: Mapping[str, Any] | None = None,
     verification_note: str | None = None,
-    manifest: Mapping[str, Any] | None = None,
+    manifest: Manifest | None = None,
     images: Mapping[str, bytes] | None = None,
 ) -> str:
     """The page. ``fold``: ``FoldReport.to_dict()``; ``verification``:
@@ -191,10 +191,10 @@ def render(
     )
 
 
-def write_compile_report(path: Path, outdir: Path, manifest: Mapping[str, Any]) -> None:
+def write_compile_report(path: Path, outdir: Path, manifest: Manifest) -> None:
     """Write the page of a ``bnfold compile`` folder (its manifest, and ``sqnr.png`` when the
     model was quantized there) to ``path``, atomically."""
-    v = manifest.get("verification", {})
+    v = manifest.verification
     result = v.get("result") if v.get("status") in ("passed", "failed") else None
     note = v.get("why") if result is None else None
     if result is None and "max_lsb" in v:  # int8: layer by layer against the QDQ model
@@ -202,8 +202,8 @@ def write_compile_report(path: Path, outdir: Path, manifest: Mapping[str, Any]) 
                 f"quantization steps in {v.get('worst')}")  # fmt: skip
     plot = outdir / "sqnr.png"
     images = {"int8: per-layer SQNR": plot.read_bytes()} if plot.is_file() else None
-    page = render(title=str(manifest.get("source", {}).get("path", outdir)),
-                  fold=manifest.get("fold_report", {}), verification=result,
+    page = render(title=str(manifest.source.get("path", outdir)),
+                  fold=manifest.fold_report, verification=result,
                   verification_note=note, manifest=manifest, images=images)  # fmt: skip
     write_bytes(path, page.encode("utf-8"))
 

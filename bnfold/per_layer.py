@@ -23,8 +23,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnfold import check
+from bnfold import ir as bir
+from bnfold import onnxrt
+from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError
+from bnfold.metrics import OutputMetrics, measure
 from bnfold.passes._util import TENSOR_MAP, parse_tensor_map
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -37,7 +40,7 @@ class Layer:
     candidate: str
     reference: str
     op: str
-    metrics: check.OutputMetrics
+    metrics: OutputMetrics
 
 
 @dataclasses.dataclass
@@ -106,8 +109,6 @@ def plot(result: PerLayer, path: str | os.PathLike[str], title: str = "") -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from bnfold.atomic import atomic_path
 
     floor = 1e-12  # an exact layer is drawn at the bottom of the axis
     ratio = [max(la.metrics.max_abs / la.metrics.max_ref, floor)
@@ -184,13 +185,15 @@ def compare(
     found = pairs(reference, candidate)
     ref_model = _with_outputs(reference, [r for _, r, _ in found])
     cand_model = _with_outputs(candidate, [c for c, _, _ in found])
-    ref_runs = [check.run_onnxruntime(ref_model, dict(f)) for f in feed_sets]
-    cand_runs = [check.run_onnxruntime(cand_model, dict(f)) for f in feed_sets]
+    ref_sess = onnxrt.session(bir.to_bytes(ref_model))
+    cand_sess = onnxrt.session(bir.to_bytes(cand_model))
+    ref_runs = [onnxrt.run(ref_sess, f) for f in feed_sets]
+    cand_runs = [onnxrt.run(cand_sess, f) for f in feed_sets]
     ref_out = {k: np.concatenate([r[k] for r in ref_runs]) for k in ref_runs[0]}
     cand_out = {k: np.concatenate([r[k] for r in cand_runs]) for k in cand_runs[0]}
     layers = []
     for c, r, op in found:  # measured exactly as verify measures an output
         if ref_out[r].shape != cand_out[c].shape:
             continue  # a rewrite that changed the layout (not a tensor of the same meaning)
-        layers.append(Layer(c, r, op, check._metrics(c, ref_out[r], cand_out[c], atol, rtol)))
+        layers.append(Layer(c, r, op, measure(c, ref_out[r], cand_out[c], atol, rtol)))
     return PerLayer(layers, atol, rtol)

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import shutil
@@ -26,20 +25,20 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import bnfold.targets
+from bnfold import artifact
+from bnfold.artifact import Manifest, TensorSpec
 from bnfold.errors import BnfoldError
 from bnfold.targets import host_arch
 from bnfold.targets.x86 import detect_cpu
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 QEMU = "qemu-aarch64-static"
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"
 RUNNER_TIMEOUT_S = 3600
@@ -178,97 +177,6 @@ def aarch64_runner() -> Path:
 # --- loaded models ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output as the manifest records it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def read_manifest(outdir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a compiled model folder; raises :class:`BnfoldError` if absent/unreadable."""
-    path = Path(outdir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BnfoldError(f"{outdir} holds no {MANIFEST}: not a `bnfold compile` output") from None
-    except (OSError, ValueError) as e:
-        raise BnfoldError(f"cannot read {path}: {e}") from None
-    why = _manifest_problem(manifest)
-    if why:
-        raise BnfoldError(f"{path}: not a valid `bnfold compile` manifest ({why})")
-    return manifest
-
-
-def _manifest_problem(manifest: Any) -> str:
-    """What makes ``manifest`` unusable for loading and running ('' if nothing).
-
-    The manifest is a file the user hands over: every field bnfold reads is checked here, once,
-    so that a hand-edited or foreign one is a one-line error instead of a KeyError.
-    """
-    if not isinstance(manifest, dict):
-        return f"a JSON {type(manifest).__name__}, not an object"
-    target = manifest.get("target")
-    if not isinstance(target, dict) or not all(
-        isinstance(target.get(k), str) for k in ("spec", "arch", "device")
-    ):
-        return "no target with spec, arch and device"
-    if not isinstance(target.get("tvm", {}), dict):
-        return "target.tvm is not an object"
-    runtime = manifest.get("runtime") or {}
-    threads = runtime.get("threads") if isinstance(runtime, dict) else "?"
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        return "runtime.threads is not a positive integer"
-    files = (manifest.get("artifact") or {}).get("files") if isinstance(
-        manifest.get("artifact"), dict) else None  # fmt: skip
-    if not isinstance(files, dict) or not isinstance(files.get("library"), str):
-        return "no artifact library"
-    if any(not isinstance(f, str) or Path(f).name != f for f in files.values()):
-        return "an artifact file name is not a plain name in the folder"
-    for key in ("inputs", "outputs"):
-        specs = manifest.get(key)
-        if not isinstance(specs, list):
-            return f"no {key} list"
-        for spec in specs:
-            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-                return f"an entry of {key} has no name"
-            shape = spec.get("shape")
-            if not isinstance(shape, list) or any(
-                not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape
-            ):
-                return f"{key[:-1]} '{spec['name']}' has no shape of non-negative integers"
-            try:
-                np.dtype(spec.get("dtype"))
-            except TypeError:
-                return f"{key[:-1]} '{spec['name']}' has an unknown dtype"
-    return ""
-
-
-def check_artifact(outdir: Path, manifest: dict[str, Any]) -> None:
-    """Refuse an artifact file that is missing or differs from the manifest's sha256.
-
-    Loading a truncated shared library can kill the process with SIGBUS (no message at all);
-    a checksum mismatch is found before the library is mapped.
-    """
-    sums = manifest["artifact"].get("sha256") or {}
-    for name in manifest["artifact"]["files"].values():
-        path = outdir / name
-        if not path.is_file():
-            raise BnfoldError(f"{path}: missing; the folder is not a complete compile output")
-        want = sums.get(name) if isinstance(sums, dict) else None
-        if want is not None:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != want:
-                raise BnfoldError(
-                    f"{path}: does not match the manifest's sha256 (truncated or modified)"
-                )
-
-
 class CompiledModel(abc.ABC):
     """A compiled model: call it with numpy arrays, get a dict of output name -> numpy array.
 
@@ -276,18 +184,14 @@ class CompiledModel(abc.ABC):
     ``model.run({"x": x})``.
     """
 
-    def __init__(self, outdir: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, outdir: Path, manifest: Manifest) -> None:
         self.outdir = outdir
         self.manifest = manifest
-        self.target: str = manifest["target"]["spec"]
+        self.target: str = manifest.spec
         # CPU threads it runs with (None: the runtime's default).
         self.threads: int | None = None
-        self.inputs = [
-            TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in manifest["inputs"]
-        ]
-        self.outputs = [
-            TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in manifest["outputs"]
-        ]
+        self.inputs: list[TensorSpec] = manifest.input_specs
+        self.outputs: list[TensorSpec] = manifest.output_specs
 
     def __call__(self, *args: np.ndarray, **kwargs: np.ndarray) -> dict[str, np.ndarray]:
         if args and kwargs:
@@ -359,15 +263,14 @@ class VMModel(CompiledModel):
     def __init__(
         self,
         outdir: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         device_id: int = 0,
         threads: int | None = None,
     ) -> None:
         super().__init__(outdir, manifest)
         import tvm
 
-        files = manifest["artifact"]["files"]
-        if manifest["target"]["device"] == "cuda":
+        if manifest.device == "cuda":
             if not tvm.runtime.enabled("cuda") or not tvm.cuda(device_id).exist:
                 raise BnfoldError(f"{outdir} is a CUDA build ({self.target}) and this machine "
                                   f"has no usable CUDA GPU/driver")  # fmt: skip
@@ -379,7 +282,7 @@ class VMModel(CompiledModel):
         # Only CPU models (with a count asked for) re-apply it before each run.
         self._threads_asked = threads if self.device.dlpack_device_type() == 1 else None
         _warn_if_foreign_cpu(manifest)
-        lib = tvm.runtime.load_module(str(outdir / files["library"]))
+        lib = tvm.runtime.load_module(str(outdir / manifest.library))
         self.vm = tvm.relax.VirtualMachine(lib, self.device)
         self._main = self.vm["main"]
 
@@ -394,19 +297,18 @@ class VMModel(CompiledModel):
         return self._named([t.numpy() for t in _flatten(self._main(*args))])
 
 
-def _warn_if_foreign_cpu(manifest: dict[str, Any]) -> None:
+def _warn_if_foreign_cpu(manifest: Manifest) -> None:
     """Code tuned for another x86 CPU may use instructions this one lacks (AVX-512 on an AVX2
     machine): the process would die of SIGILL, so say so first."""
-    tvm_target = manifest["target"].get("tvm", {})
-    cpu = tvm_target.get("mcpu", "")
-    if manifest["target"].get("arch") != "x86_64" or cpu in ("", "x86-64"):
+    cpu = manifest.tvm_target.get("mcpu", "")
+    if manifest.arch != "x86_64" or cpu in ("", "x86-64"):
         return
 
     here = detect_cpu()
     if cpu != here:
         logger.warning("%s was compiled for %s, this CPU is %s: if it lacks an instruction set "
                        "the code uses, the process will stop with an illegal instruction",
-                       manifest["target"]["spec"], cpu, here)  # fmt: skip
+                       manifest.spec, cpu, here)  # fmt: skip
 
 
 def _flatten(value: Any) -> list[Any]:
@@ -418,14 +320,14 @@ def _flatten(value: Any) -> list[Any]:
 _FATBINS: dict[str, bytes] = {}
 
 
-def _register_fatbin(outdir: Path, manifest: dict[str, Any]) -> None:
+def _register_fatbin(outdir: Path, manifest: Manifest) -> None:
     """Let TVM take the ahead-of-time fatbin instead of compiling the CUDA source at load time.
 
     TVM compiles a library's CUDA source through the ``tvm_callback_cuda_compile`` global
     (nvrtc or nvcc) when it loads it; this wraps that callback to answer with ``model.fatbin``
     for the exact source it was built from (matched by sha256), and to defer otherwise.
     """
-    files, meta = manifest["artifact"]["files"], manifest["artifact"].get("meta", {})
+    files, meta = manifest.files, manifest.artifact.get("meta") or {}
     if "fatbin" not in files or "cuda_source_sha256" not in meta:
         return
     import tvm_ffi
@@ -443,13 +345,13 @@ def _register_fatbin(outdir: Path, manifest: dict[str, Any]) -> None:
 class QemuModel(CompiledModel):
     """Runs an aarch64 artifact on another machine through the cached runner under qemu-user."""
 
-    def __init__(self, outdir: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(self, outdir: Path, manifest: Manifest, threads: int | None = None) -> None:
         super().__init__(outdir, manifest)
         self.threads = threads
         if shutil.which(QEMU) is None:
             raise BnfoldError(f"{QEMU} not found; run `make cross-tools`")
         self.runner = aarch64_runner()
-        self.library = (outdir / manifest["artifact"]["files"]["library"]).resolve()
+        self.library = (outdir / manifest.library).resolve()
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = self._arrays(inputs)
@@ -481,16 +383,16 @@ def load(
         BnfoldError: If the folder is not a compile output, or this machine cannot run it.
     """
     outdir = Path(outdir)
-    manifest = read_manifest(outdir)
-    check_artifact(outdir, manifest)
+    manifest = artifact.load(outdir)
+    manifest.check_files(outdir)
     if threads is None:
-        threads = (manifest.get("runtime") or {}).get("threads")
-    arch = manifest["target"]["arch"]
+        threads = manifest.threads
+    arch = manifest.arch
     if arch == host_arch():
         return VMModel(outdir, manifest, device_id, threads)
     if arch == "aarch64":
         return QemuModel(outdir, manifest, threads)
     raise BnfoldError(
-        f"{outdir} holds {arch} code ({manifest['target']['spec']}), "
+        f"{outdir} holds {arch} code ({manifest.spec}), "
         f"which cannot run on this {host_arch()} machine"
     )

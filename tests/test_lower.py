@@ -19,8 +19,8 @@ import onnx.parser
 import pytest
 from click.testing import CliRunner
 
+from bnfold import artifact, runtime
 from bnfold import ir as bir
-from bnfold import runtime
 from bnfold.check import run_onnxruntime
 from bnfold.cli.lower import compile_cmd, run_cmd
 from bnfold.errors import BnfoldError
@@ -95,7 +95,7 @@ def x86_build(conv_bn: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_x86_compile_writes_a_complete_folder(x86_build: Path, conv_bn: Path) -> None:
     m = json.loads((x86_build / lower.MANIFEST).read_text())
-    assert m["format"] == lower.FORMAT
+    assert m["format"] == artifact.FORMAT
     assert {"model.so", "model.folded.onnx", "manifest.json"} <= {
         p.name for p in x86_build.iterdir()
     }

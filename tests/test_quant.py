@@ -611,9 +611,8 @@ def test_progress_bars_on_a_terminal() -> None:
     bars = _Bars(enabled=True)
     sys_err, sys.stderr = sys.stderr, err
     try:
-        tick = bars.counter("calibrating", 4)
-        for _ in range(4):
-            tick(1)
+        for done in range(1, 5):
+            bars("calibrating", done, 4)
         bars("bias correction", 4, 4)
         bars.close()
     finally:

@@ -19,6 +19,7 @@ from bnfold.cli.progress import StepDisplay
 from bnfold.cli.quant import quant_options
 from bnfold.cli.types import ShapeType, tolerance_options
 from bnfold.errors import BnfoldError, CheckFailed
+from bnfold.quant.options import INT8_MODEL, INT8_OUTPUTS, QuantOptions
 from bnfold.targets import TARGETS
 
 
@@ -153,20 +154,23 @@ def compile_cmd(
     integer kernels. A QDQ model (from --int8 or given) is verified layer by layer: each
     quantized tensor within --max-lsb steps of onnxruntime's on the same layer inputs.
     """
+    from bnfold import artifact
     from bnfold.cli.fold import check_output_path
-    from bnfold.cli.quant import INT8_MODEL, INT8_OUTPUTS, run_quantize
+    from bnfold.cli.quant import run_quantize
     from bnfold.html_report import write_compile_report
     from bnfold.lower import compiler as lower
     from bnfold.outputs import check_folder, protected_files, staged_folder
 
-    if not int8 and quant["calib_path"] is not None:
+    options = QuantOptions(**quant)
+    if not int8 and options.calib_path is not None:
         raise click.UsageError("--calib is for --int8 (quantize, then compile)")
     if not model.is_file():
         raise BnfoldError(f"{model}: no such model file")
     protected = protected_files(model)
     if report is not None:
         check_output_path(report, model)
-    names = (lower.FOLDED, lower.FOLDED + ".data", lower.MANIFEST, *(INT8_OUTPUTS if int8 else ()))
+    names = (lower.FOLDED, lower.FOLDED + ".data", artifact.MANIFEST,
+             *(INT8_OUTPUTS if int8 else ()))  # fmt: skip
     check_folder(outdir, names, protected)
     # The outputs are one transaction: built in a temp folder beside OUTDIR and moved in at the
     # end, so an error or interrupt leaves OUTDIR as it was (never a new folded model beside
@@ -177,7 +181,7 @@ def compile_cmd(
     with staged_folder(outdir, protected) as stage, contextlib.closing(display):
         source = model
         if int8:
-            run_quantize(model, stage, shown_as=outdir, **quant)
+            run_quantize(model, stage, options, shown_as=outdir)
             source = stage / INT8_MODEL
         try:
             manifest = lower.compile_model(source, target, stage, dict(shapes), verify,
@@ -187,22 +191,24 @@ def compile_cmd(
                                            max_lsb=max_lsb, progress=display)  # fmt: skip
         except CheckFailed as e:
             failed = CheckFailed(str(e).replace(str(stage), str(outdir)))
-        _relocate_manifest(stage / lower.MANIFEST, stage, outdir)
+        _relocate_manifest(stage, outdir)
+    # What OUTDIR holds now (paths relocated), read back once for the page and the lines below.
+    manifest = artifact.load(outdir)
     if report is not None:
-        write_compile_report(report, outdir, json.loads((outdir / lower.MANIFEST).read_text()))
+        write_compile_report(report, outdir, manifest)
     if failed is not None:
-        _echo_verification(json.loads((outdir / lower.MANIFEST).read_text())["verification"])
+        _echo_verification(manifest.verification)
         raise failed
-    c, tvm_target = manifest.compile, manifest.target["tvm"]
+    c, tvm_target = manifest.compile, manifest.tvm_target
     cpu = tvm_target.get("mcpu") or tvm_target.get("arch")
-    click.echo(f"compiled {model} for {manifest.target['spec']} ({cpu}) in {c['seconds']:.1f} s, "
+    click.echo(f"compiled {model} for {manifest.spec} ({cpu}) in {c['seconds']:.1f} s, "
                f"peak RSS {c['peak_rss_mb']:.0f} MB")  # fmt: skip
-    n_threads = manifest.runtime.get("threads")
+    n_threads = manifest.threads
     click.echo(f"  threads  {n_threads if n_threads is not None else 'all of the device cores'}")
-    for role, name in manifest.artifact["files"].items():
+    for role, name in manifest.files.items():
         click.echo(f"  {role:<8} {outdir / name}")
     click.echo(f"  folded   {outdir / lower.FOLDED}")
-    click.echo(f"  manifest {outdir / lower.MANIFEST}")
+    click.echo(f"  manifest {outdir / artifact.MANIFEST}")
     if report is not None:
         click.echo(f"  report   {report}")
     q = c.get("int8")
@@ -214,12 +220,12 @@ def compile_cmd(
     _echo_verification(manifest.verification)
 
 
-def _relocate_manifest(path: Path, staged: Path, final: Path) -> None:
-    """Rewrite the paths a manifest built in the staging folder records (``outdir``, an int8
-    ``source``) to where the folder ends up."""
-    from bnfold.atomic import write_json
+def _relocate_manifest(staged: Path, final: Path) -> None:
+    """Rewrite the paths a manifest built in the staging folder records (an int8 ``source``)
+    to where the folder ends up."""
+    from bnfold import artifact
 
-    if not path.is_file():
+    if not (staged / artifact.MANIFEST).is_file():
         return
 
     def fix(obj: Any) -> Any:
@@ -231,7 +237,7 @@ def _relocate_manifest(path: Path, staged: Path, final: Path) -> None:
             return [fix(v) for v in obj]
         return obj
 
-    write_json(path, fix(json.loads(path.read_text())))
+    artifact.save(artifact.Manifest(**fix(artifact.load(staged).to_dict())), staged)
 
 
 def _echo_verification(v: dict[str, Any]) -> None:

@@ -13,14 +13,27 @@ from typing import Any
 
 import click
 
-INT8_MODEL = "model.int8.onnx"
-# Where the int8 model goes when it fails the accuracy gate: never at INT8_MODEL, so nothing
-# that picks up OUTDIR/model.int8.onnx (a script, a deploy step) takes a model that failed.
-REJECTED_MODEL = "model.int8.rejected.onnx"
-DEFAULT_MIN_COSINE = 0.9
-REPORT = "quant_report.json"
-PLOT = "sqnr.png"
-INT8_OUTPUTS = (INT8_MODEL, REJECTED_MODEL, REPORT, PLOT)
+from bnfold.quant.options import (
+    ACTIVATION_TYPES,
+    BIAS_CORRECTION,
+    DEFAULTS,
+    INT8_MODEL,
+    INT8_OUTPUTS,
+    LAYOUTS,
+    METHODS,
+    PLOT,
+    REJECTED_MODEL,
+    REPORT,
+    QuantOptions,
+)
+
+# The defaults and file names live with QuantOptions (one copy); this module shows them.
+D = DEFAULTS
+
+
+def _floats(values: tuple[float, ...]) -> str:
+    """A default tuple as the user types it (``(0.0,)`` -> ``0``)."""
+    return ",".join(f"{v:g}" for v in values)
 
 
 class SizeType(click.ParamType):
@@ -68,58 +81,61 @@ class FloatsType(click.ParamType):
 
 DATA = click.Path(exists=False, path_type=Path)
 QUANT_OPTIONS: tuple[Callable[[Any], Any], ...] = (
-    click.option("--calib", "calib_path", type=DATA, default=None,
+    click.option("--calib", "calib_path", type=DATA, default=D.calib_path,
                  help="Calibration data: a folder of .jpg/.png images, or an .npz (one array per "
                       "input) / .npy of ready inputs, first axis = samples."),
-    click.option("--calib-size", type=click.IntRange(min=1), default=None,
+    click.option("--calib-size", type=click.IntRange(min=1), default=D.calib_size,
                  help="Use at most this many calibration samples (images in name order)."),
-    click.option("--eval", "eval_path", type=DATA, default=None,
+    click.option("--eval", "eval_path", type=DATA, default=D.eval_path,
                  help="Held-out data for the accuracy report (same formats as --calib). Default: "
                       "hold out --eval-fraction of the --calib samples."),
-    click.option("--eval-size", type=click.IntRange(min=1), default=None,
+    click.option("--eval-size", type=click.IntRange(min=1), default=D.eval_size,
                  help="Use at most this many --eval samples."),
     click.option("--eval-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                 default=0.2, show_default=True,
+                 default=D.eval_fraction, show_default=True,
                  help="Without --eval: the fraction of --calib samples held out for evaluation "
                       "(every k-th sample; never used to calibrate)."),
-    click.option("--per-tensor", is_flag=True,
+    click.option("--per-tensor", is_flag=True, default=D.per_tensor,
                  help="One weight scale per tensor instead of one per output channel."),
-    click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8",
-                 show_default=True, help="Element type of quantized activations."),
-    click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]),
-                 default="minmax", show_default=True,
+    click.option("--activation-type", type=click.Choice(ACTIVATION_TYPES),
+                 default=D.activation_type, show_default=True,
+                 help="Element type of quantized activations."),
+    click.option("--method", type=click.Choice(METHODS),
+                 default=D.method, show_default=True,
                  help="How activation ranges are calibrated (onnxruntime's calibrators)."),
-    click.option("--percentile", type=click.FloatRange(50, 100), default=99.999,
+    click.option("--percentile", type=click.FloatRange(50, 100), default=D.percentile,
                  show_default=True, help="The percentile of --method percentile."),
-    click.option("--cle/--no-cle", default=True, show_default=True,
+    click.option("--cle/--no-cle", default=D.cle, show_default=True,
                  help="Cross-layer equalization of Conv->activation->Conv pairs after folding."),
-    click.option("--bias-correction", type=click.Choice(["empirical", "analytic", "none"]),
-                 default="empirical", show_default=True,
+    click.option("--bias-correction", type=click.Choice(BIAS_CORRECTION),
+                 default=D.bias_correction, show_default=True,
                  help="Correct the output shift of int8 weights, from calibration data "
                       "(empirical) or from the folded BNs' statistics (analytic, data-free)."),
-    click.option("--exclude", multiple=True, metavar="NODE",
+    click.option("--exclude", multiple=True, metavar="NODE", default=D.exclude,
                  help="Keep this node (by name) in float. Repeatable."),
-    click.option("--resize", type=SizeType(), default=None,
+    click.option("--resize", type=SizeType(), default=D.resize,
                  help="Images: resize the short side to N (aspect kept), or to exactly HxW. "
                       "Default: straight to the crop size."),
-    click.option("--crop", type=SizeType(allow_int=False), default=None,
+    click.option("--crop", type=SizeType(allow_int=False), default=D.crop,
                  help="Images: center crop HxW (default: the model input's size)."),
-    click.option("--mean", type=FloatsType(), default="0", show_default=True,
+    click.option("--mean", type=FloatsType(), default=_floats(D.mean), show_default=True,
                  help="Images: subtracted after --scale; one value or one per channel (RGB)."),
-    click.option("--std", type=FloatsType(positive=True), default="1", show_default=True,
+    click.option("--std", type=FloatsType(positive=True), default=_floats(D.std),
+                 show_default=True,
                  help="Images: divides after --mean; one value or one per channel (RGB)."),
-    click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=1 / 255,
+    click.option("--scale", type=click.FloatRange(min=0, min_open=True), default=D.scale,
                  show_default="1/255", help="Images: multiplies the 0..255 pixel values first."),
-    click.option("--bgr", is_flag=True, help="Images: feed channels in BGR order."),
-    click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default=None,
+    click.option("--bgr", is_flag=True, default=D.bgr, help="Images: feed channels in BGR order."),
+    click.option("--layout", type=click.Choice(LAYOUTS), default=D.layout,
                  help="Images: the input layout (default: guessed from the model input)."),
-    click.option("--target-cosine", type=click.FloatRange(0, 1), default=None,
+    click.option("--target-cosine", type=click.FloatRange(0, 1), default=D.target_cosine,
                  help="Keep the layers that lose the most SQNR in float (more each round, up to "
                       "6 more quantizations) until the held-out mean cosine reaches this; the "
                       "report lists them."),
-    click.option("--min-top1-agreement", type=click.FloatRange(0, 1), default=None,
+    click.option("--min-top1-agreement", type=click.FloatRange(0, 1),
+                 default=D.min_top1_agreement,
                  help="Fail (exit 1) if int8 top-1 agrees with fp32 on fewer held-out samples."),
-    click.option("--min-cosine", type=click.FloatRange(0, 1), default=DEFAULT_MIN_COSINE,
+    click.option("--min-cosine", type=click.FloatRange(0, 1), default=D.min_cosine,
                  show_default=True,
                  help="Fail (exit 1) if the mean cosine similarity of the int8 and fp32 outputs "
                       "on the held-out samples is lower; the int8 model is then written as "
@@ -160,81 +176,33 @@ class _Bars:
             self.bar.__exit__(None, None, None)
             self.bar = None
 
-    def counter(self, stage: str, total: int) -> Callable[[int], None]:
-        done = 0
 
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            self(stage, done, total)
+def run_quantize(
+    model: Path, outdir: Path, options: QuantOptions, shown_as: Path | None = None
+) -> Any:
+    """``bnfold quantize`` after parsing (``compile --int8`` runs it too): quantize with
+    :func:`bnfold.quant.run.quantize`, write the outputs, show them, apply the gate.
 
-        return tick
-
-
-def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts: Any) -> Any:
-    """Everything ``bnfold quantize`` does, given its parsed options; returns the QuantReport.
-
-    Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``, then applies the
-    accuracy gate (:class:`bnfold.errors.CheckFailed`, exit 1); a model that fails it is
-    written as ``model.int8.rejected.onnx`` instead. ``shown_as``: the folder named in the output
-    (``compile --int8`` writes into its temp folder, moved to OUTDIR later).
+    Writes ``outdir/model.int8.onnx``, ``quant_report.json`` and ``sqnr.png``; a model that
+    fails the accuracy gate is written as ``model.int8.rejected.onnx`` and the gate raises
+    :class:`bnfold.errors.CheckFailed` (exit 1). ``shown_as``: the folder named in the output
+    (``compile --int8`` writes into its temp folder, moved to OUTDIR later). Returns the
+    QuantReport.
     """
-    from bnfold import ir as bir
-    from bnfold.atomic import write_bytes, write_json
-    from bnfold.outputs import check_folder, protected_files, staged_folder
-    from bnfold.quant import calib
-    from bnfold.quant import report as quant_report
-    from bnfold.quant.quantize import quantize
+    from bnfold.outputs import check_folder, protected_files
+    from bnfold.quant import run
 
-    if opts["calib_path"] is None:
+    if options.calib_path is None:
         raise click.UsageError("int8 quantization needs --calib DATA (images, .npz or .npy)")
     protected = protected_files(model)
     check_folder(outdir, INT8_OUTPUTS, protected)
-    proto = bir.load_proto(model)
-    specs = calib.input_specs(proto)
-    pre = calib.Preprocess(
-        resize=opts["resize"], crop=opts["crop"], mean=opts["mean"], std=opts["std"],
-        scale=opts["scale"], bgr=opts["bgr"], layout=opts["layout"],
-    )  # fmt: skip
     bars = _Bars()
     try:
-        samples = _load(opts["calib_path"], specs, pre, opts["calib_size"], bars, "reading calib")
-        if opts["eval_path"] is not None:
-            cal = samples
-            held = _load(opts["eval_path"], specs, pre, opts["eval_size"], bars, "reading eval")
-        else:
-            cal, held = calib.split(samples, opts["eval_fraction"])
-        qopts: dict[str, Any] = dict(
-            per_channel=not opts["per_tensor"], activation_type=opts["activation_type"],
-            method=opts["method"], cle=opts["cle"], bias_correction=opts["bias_correction"],
-            exclude=opts["exclude"], percentile=opts["percentile"],
-        )  # fmt: skip
-        int8, report = quantize(model, cal, progress=bars, **qopts)
-        held_batches = calib.batches(held, specs)
-        n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
-        acc = quant_report.evaluate(
-            model, int8, report, held_batches, progress=bars.counter("evaluating", n_held)
-        )
-        if opts.get("target_cosine") is not None:
-            from bnfold.quant.target import reach_cosine
-
-            int8, report, acc = reach_cosine(
-                model, cal, held_batches, opts["target_cosine"], (int8, report, acc), **qopts
-            )
+        result = run.quantize(model, options, progress=bars)
     finally:
         bars.close()
-    report.source = str(model)
-    failed = quant_report.gate_failures(acc, opts["min_top1_agreement"], opts["min_cosine"])
-    # A model that fails the gate is kept (to inspect, or to take anyway) but never where a
-    # passing one goes; a passing model from an earlier run there is removed, since the report
-    # next to it now describes this one. The outputs appear together or not at all (an
-    # interrupt while writing the plot left the model and report without it).
-    name, stale = (REJECTED_MODEL, INT8_MODEL) if failed else (INT8_MODEL, REJECTED_MODEL)
-    with staged_folder(outdir, protected) as stage:
-        write_bytes(stage / name, int8.SerializeToString(deterministic=True))
-        write_json(stage / REPORT, report.to_dict())
-        quant_report.plot_sqnr(report, acc, stage / PLOT)
-    (outdir / stale).unlink(missing_ok=True)
+    written = run.write(result, outdir, protected)
+    report, acc = result.report, result.accuracy
     click.echo(report.table())
     click.echo("")
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
@@ -245,35 +213,23 @@ def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts
                    f"{len(t['float_nodes'])} node(s) kept in float: "
                    f"{', '.join(t['float_nodes']) or '-'}")  # fmt: skip
     shown = shown_as or outdir
-    click.echo(f"wrote {shown / name}, {shown / REPORT}, {shown / PLOT}")
-    hints = _hints(report.options, shown / name)
-    quant_report.gate(acc, opts["min_top1_agreement"], opts["min_cosine"], hints)
+    click.echo(f"wrote {shown / written.name}, {shown / REPORT}, {shown / PLOT}")
+    result.raise_if_failed(_hints(options, shown / written.name))
     return report
 
 
-def _hints(options: dict[str, Any], rejected: Path) -> list[str]:
+def _hints(options: QuantOptions, rejected: Path) -> list[str]:
     """What to try when the accuracy gate fails, given the options this run used."""
     hints = []
-    if not options["per_channel"]:
+    if options.per_tensor:
         hints.append("per-channel weights (without --per-tensor)")
-    if options["cle"]:
+    if options.cle:
         hints.append("--no-cle")
-    if options["method"] == "minmax":
+    if options.method == "minmax":
         hints.append("--method percentile")
     hints.append("--exclude NODE for those layers")
     hints.append(f"or --min-cosine 0 to accept it (kept as {rejected})")
     return hints
-
-
-def _load(
-    path: Path, specs: Any, pre: Any, limit: int | None, bars: _Bars, stage: str
-) -> list[Any]:
-    from bnfold.quant import calib
-
-    total = limit or 0
-    if path.is_dir():
-        total = min(len(calib.list_images(path)), limit or 10**9)
-    return calib.load_samples(path, specs, pre, limit, bars.counter(stage, max(total, 1)))
 
 
 @click.command("quantize")
@@ -292,7 +248,7 @@ def quantize_cmd(model: Path, outdir: Path, **opts: Any) -> None:
     --min-* gate fails (by default: mean cosine below 0.9), and the int8 model is then written
     as model.int8.rejected.onnx, not model.int8.onnx.
     """
-    run_quantize(model, outdir, **opts)
+    run_quantize(model, outdir, QuantOptions(**opts))
 
 
 COMMANDS = (quantize_cmd,)

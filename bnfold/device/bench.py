@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bnfold import runtime
+from bnfold import artifact, onnxrt, runtime
 from bnfold.device.deploy import reference_model
 from bnfold.errors import BnfoldError
 from bnfold.lower import compiler as lower
@@ -55,11 +55,9 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
     list of N latencies in ms, until EOF or ``quit``. ``compiled*`` engines run the artifact in
     ``outdir``; the others run ``model_path`` in onnxruntime (``ort_noopt``: optimizations off,
     any other name: ORT_ENABLE_ALL)."""
-    manifest = runtime.read_manifest(outdir)
+    manifest = artifact.load(outdir)
     rng = np.random.default_rng(0)
-    feeds = {
-        s["name"]: rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in manifest["inputs"]
-    }
+    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in manifest.input_specs}
     if engine.startswith("compiled"):
         compiled = runtime.load(outdir, threads=threads)
 
@@ -67,18 +65,8 @@ def _serve(engine: str, outdir: Path, model_path: Path, threads: int) -> None:
             compiled.run(feeds)
 
     else:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            if engine == "ort_noopt"
-            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        )
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        sess = onnxrt.session(model_path, optimize=engine != "ort_noopt", threads=threads,
+                              log_severity=onnxrt.ERROR)  # fmt: skip
 
         def fn() -> None:
             sess.run(None, feeds)
@@ -206,12 +194,12 @@ def bench(
     else:
         raise BnfoldError(f"{path}: no such model or folder")
     try:
-        manifest = runtime.read_manifest(outdir)
-        if manifest["target"]["arch"] != host_arch() or manifest["target"]["device"] != "cpu":
-            raise BnfoldError(f"{manifest['target']['spec']} does not run natively on this "
+        manifest = artifact.load(outdir)
+        if manifest.arch != host_arch() or manifest.device != "cpu":
+            raise BnfoldError(f"{manifest.spec} does not run natively on this "
                               f"{host_arch()} CPU: bench times native CPU builds")  # fmt: skip
         original, note = reference_model(outdir, manifest)
-        folded = outdir / manifest["folded"]["file"]
+        folded = outdir / manifest.folded["file"]
         engines = {"ort": (outdir, original), "ort_noopt": (outdir, original),
                    "ort_folded": (outdir, folded), "compiled": (outdir, folded)}  # fmt: skip
         if note:
@@ -225,16 +213,16 @@ def bench(
     for s in stats.values():
         s["ratio_to_ort"] = s["p50_ms"] / base
     return {
-        "model": manifest["source"]["path"],
+        "model": manifest.source["path"],
         # An int8 build: the "original" is the QDQ model, so "ort" is onnxruntime's int8.
-        "int8": bool((manifest.get("compile") or {}).get("int8")),
+        "int8": bool(manifest.int8),
         "original_used": not note,
         "note": note,
-        "target": manifest["target"]["spec"],
+        "target": manifest.spec,
         "threads": threads,
-        "inputs": {s["name"]: s["shape"] for s in manifest["inputs"]},
+        "inputs": {s.name: list(s.shape) for s in manifest.input_specs},
         "method": f"separate processes, alternating blocks of {block} runs x {rounds} rounds",
-        "compile": compile_info or manifest.get("compile", {}),
+        "compile": compile_info or manifest.compile,
         "engines": stats,
         "samples_ms": times,
     }

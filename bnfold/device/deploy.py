@@ -27,13 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from bnfold import check
+from bnfold import artifact, check
+from bnfold.artifact import Manifest, sha256_file
 from bnfold.deadline import deadline
 from bnfold.errors import BnfoldError
 from bnfold.lower import int8 as lower_int8
-from bnfold.lower.compiler import FOLDED, sha256_file
+from bnfold.lower.compiler import FOLDED
 from bnfold.rpc import connect
-from bnfold.runtime import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +69,10 @@ class DeployResult:
         return dataclasses.asdict(self)
 
 
-def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
+def reference_model(outdir: Path, manifest: Manifest) -> tuple[Path, str]:
     """The model to compare with: the unfolded original recorded in the manifest when it is
     there unchanged, else ``model.folded.onnx`` (with a note saying why)."""
-    source = manifest.get("source", {})
+    source = manifest.source
     path = Path(source.get("path", ""))
     if not path.is_absolute() and not path.is_file():
         path = outdir / path.name
@@ -82,28 +82,28 @@ def reference_model(outdir: Path, manifest: Mapping[str, Any]) -> tuple[Path, st
         note = f"the original {path} changed since compile (sha256 differs)"
     else:
         note = f"the original {source.get('path', '?')} is not available"
-    folded = outdir / manifest.get("folded", {}).get("file", FOLDED)
+    folded = outdir / manifest.folded.get("file", FOLDED)
     if not folded.is_file():
         raise BnfoldError(f"{outdir}: neither the original model nor {folded.name} is available")
     return folded, f"{note}: compared against {folded.name} (the folded model) instead"
 
 
 def _feeds(
-    manifest: Mapping[str, Any], inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None
+    manifest: Manifest, inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None
 ) -> tuple[list[dict[str, np.ndarray]], str]:
     """The inputs as slices of the compiled shapes (an ``.npz`` may stack N x the compiled batch
     along axis 0, as ``bnfold compile --inputs`` accepts: then N slices), and where they came
     from."""
-    specs = manifest["inputs"]
+    specs = manifest.input_specs
     if inputs is None:
         rng = np.random.default_rng(0)
         feeds = {}
         for s in specs:
-            dtype = np.dtype(s["dtype"])
+            dtype = np.dtype(s.dtype)
             if dtype.kind == "f":
-                feeds[s["name"]] = rng.standard_normal(s["shape"]).astype(dtype)
+                feeds[s.name] = rng.standard_normal(s.shape).astype(dtype)
             else:
-                feeds[s["name"]] = rng.integers(0, 4, s["shape"]).astype(dtype)
+                feeds[s.name] = rng.integers(0, 4, s.shape).astype(dtype)
         return [feeds], "random (seed 0)"
     if isinstance(inputs, Mapping):
         feeds, how = dict(inputs), "given"
@@ -119,29 +119,29 @@ def _feeds(
         how = str(path)
     stacks = set()
     for s in specs:
-        a = feeds.get(s["name"])
+        a = feeds.get(s.name)
         if a is None:
-            raise BnfoldError(f"inputs have no array '{s['name']}' (have {sorted(feeds)})")
-        want = list(s["shape"])
+            raise BnfoldError(f"inputs have no array '{s.name}' (have {sorted(feeds)})")
+        want = list(s.shape)
         # N x the compiled batch along axis 0 (same N for every input) runs in N slices.
         stacked = list(a.shape) == want or (
             a.ndim == len(want) > 0 and want[0] > 0 and list(a.shape[1:]) == want[1:]
             and a.shape[0] % want[0] == 0 and a.shape[0] > 0)  # fmt: skip
-        if not stacked or a.dtype != np.dtype(s["dtype"]):
-            raise BnfoldError(f"input '{s['name']}' is {a.dtype}{list(a.shape)}, the artifact "
-                              f"was compiled for {s['dtype']}{want}")  # fmt: skip
+        if not stacked or a.dtype != np.dtype(s.dtype):
+            raise BnfoldError(f"input '{s.name}' is {a.dtype}{list(a.shape)}, the artifact "
+                              f"was compiled for {s.dtype}{want}")  # fmt: skip
         stacks.add(a.shape[0] // want[0] if want and want[0] > 0 else 1)
     if len(stacks) != 1:
         raise BnfoldError(f"the inputs stack different numbers of samples ({sorted(stacks)})")
     (n,) = stacks
     if n == 1:
-        return [{s["name"]: np.ascontiguousarray(feeds[s["name"]]) for s in specs}], how
+        return [{s.name: np.ascontiguousarray(feeds[s.name]) for s in specs}], how
     slices = []
     for i in range(n):
         part = {}
         for s in specs:
-            b = s["shape"][0]
-            part[s["name"]] = np.ascontiguousarray(feeds[s["name"]][i * b : (i + 1) * b])
+            b = s.shape[0]
+            part[s.name] = np.ascontiguousarray(feeds[s.name][i * b : (i + 1) * b])
         slices.append(part)
     return slices, how
 
@@ -218,12 +218,11 @@ def deploy(
     import tvm
 
     out = Path(outdir)
-    manifest = read_manifest(out)
-    files = manifest["artifact"]["files"]
-    if manifest["target"].get("device", "cpu") != "cpu":
-        raise BnfoldError(f"{out} is a {manifest['target']['device']} build: deploy runs CPU "
+    manifest = artifact.load(out)
+    if manifest.device != "cpu":
+        raise BnfoldError(f"{out} is a {manifest.device} build: deploy runs CPU "
                           "artifacts (remote.cpu())")  # fmt: skip
-    library = out / files["library"]
+    library = out / manifest.library
     if not library.is_file():
         raise BnfoldError(f"{library}: missing")
     slices, how = _feeds(manifest, inputs)
@@ -248,12 +247,12 @@ def deploy(
         runs = []
         for feeds in slices:
             with deadline(timeout, f"running {library.name} on {where}"):
-                args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in manifest["inputs"]]
+                args = [tvm.runtime.tensor(feeds[s.name], dev) for s in manifest.input_specs]
                 runs.append(_run(vm, args))
         t3 = time.perf_counter()
         with deadline(timeout, f"sending the inputs to {where}"):
-            args = [tvm.runtime.tensor(slices[0][s["name"]], dev) for s in manifest["inputs"]]
-    names = [o["name"] for o in manifest["outputs"]]
+            args = [tvm.runtime.tensor(slices[0][s.name], dev) for s in manifest.input_specs]
+    names = [o.name for o in manifest.output_specs]
     if len(runs[0]) != len(names):
         raise BnfoldError(f"the device returned {len(runs[0])} outputs, expected {len(names)}")
     got = {n: np.concatenate([r[i] for r in runs], axis=0) if len(runs) > 1 else runs[0][i]
@@ -261,7 +260,7 @@ def deploy(
     refs = [check.run_onnxruntime(ref_path, feeds) for feeds in slices]
     ref = {k: np.concatenate([r[k] for r in refs], axis=0) if len(refs) > 1 else refs[0][k]
            for k in refs[0]}  # fmt: skip
-    int8 = (manifest.get("compile") or {}).get("int8") or {}
+    int8 = manifest.int8
     layerwise = None
     if int8.get("layerwise"):
         with deadline(timeout, f"running the layer-by-layer build on {where}"):
@@ -291,10 +290,10 @@ def deploy(
     # second deploy from this process would wait forever.
     del remote, vm, lib, args, timer, with_remove
     gc.collect()
-    logger.info("deploy %s: %s, p50 %.3f ms", manifest["target"]["spec"],
+    logger.info("deploy %s: %s, p50 %.3f ms", manifest.spec,
                 "PASS" if result.passed else "FAIL", latency["p50"])  # fmt: skip
     return DeployResult(
-        target=manifest["target"]["spec"],
+        target=manifest.spec,
         # str(dev) of a remote device is garbled in TVM 0.27 ("remote[0.0078125]:cpu").
         device=f"cpu(0) at {f'tracker {tracker}, key {key!r}' if tracker else rpc}",
         reference=str(ref_path),
@@ -334,8 +333,8 @@ def _layerwise_on_device(
     import onnx
     import tvm
 
-    lw = read_manifest(lw_dir)
-    library = lw_dir / lw["artifact"]["files"]["library"]
+    lw = artifact.load(lw_dir)
+    library = lw_dir / lw.library
     if not library.is_file():
         raise BnfoldError(f"{library}: missing (the int8 layer-by-layer build)")
     values, cut_feeds = lower_int8.layer_inputs(onnx.load(str(reference)), sample)
@@ -345,11 +344,11 @@ def _layerwise_on_device(
         remote.upload(str(library), name)
         dev = remote.cpu()
         vm = tvm.relax.VirtualMachine(remote.load_module(name), dev)
-        args = [tvm.runtime.tensor(feeds[s["name"]], dev) for s in lw["inputs"]]
+        args = [tvm.runtime.tensor(feeds[s.name], dev) for s in lw.input_specs]
         outs = _run(vm, args)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise BnfoldError(f"running the layer-by-layer build on the RPC device failed: "
                           f"{msg[-1] if msg else repr(e)}") from None  # fmt: skip
-    got = dict(zip([o["name"] for o in lw["outputs"]], outs, strict=True))
+    got = dict(zip([o.name for o in lw.output_specs], outs, strict=True))
     return lower_int8.layerwise_record(values, got, max_lsb)

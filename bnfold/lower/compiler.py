@@ -25,7 +25,6 @@ tells the CLI's live display (``progress``) when a step starts and ends.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -39,8 +38,9 @@ import numpy as np
 import onnx
 
 import bnfold
-from bnfold import atomic, check, ir, pipeline, runtime
+from bnfold import artifact, check, ir, pipeline, runtime
 from bnfold import targets as targets_
+from bnfold.artifact import MANIFEST, Manifest, sha256_file
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.lower import int8 as lower_int8
 from bnfold.passes.drop_implied_activations import DropImpliedActivations
@@ -50,53 +50,11 @@ from bnfold.targets._schedule import cpu_pipeline
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 LAYERWISE = "layerwise"
 FOLDED = "model.folded.onnx"
-FORMAT = "bnfold.compiled/1"
 # The gate of the issue: max abs error <= 1e-4 x max|reference| (per output).
 DEFAULT_ATOL = 0.0
 DEFAULT_RTOL = 1e-4
-
-
-@dataclasses.dataclass
-class Manifest:
-    """What ``compile_model`` wrote and how it went; saved as ``OUTDIR/manifest.json``."""
-
-    outdir: str
-    target: dict[str, Any]
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    artifact: dict[str, Any]
-    source: dict[str, Any]
-    folded: dict[str, Any]
-    versions: dict[str, str]
-    fold_report: dict[str, Any]
-    compile: dict[str, Any]
-    verification: dict[str, Any]
-    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)
-    format: str = FORMAT
-
-    @property
-    def verified(self) -> bool | None:
-        """True/False after a verification, None when it was skipped."""
-        status = self.verification.get("status")
-        return None if status == "not verified" else status == "passed"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``outdir`` is left out: the folder can move)."""
-        d = dataclasses.asdict(self)
-        d.pop("outdir")
-        return d
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _version(dist: str) -> str:
@@ -519,7 +477,7 @@ def compile_model(
     runnable = tgt.can_run()
     if verify and not runnable:
         manifest.verification = {"status": "not verified", "why": runnable.why}
-    atomic.write_json(out / MANIFEST, manifest.to_dict())
+    artifact.save(manifest, out)
     if verify and runnable:
         with steps("verify"):
             manifest.verification = _verify(
@@ -528,7 +486,7 @@ def compile_model(
             )  # fmt: skip
         if runnable.why:
             manifest.verification["how"] = runnable.why
-        atomic.write_json(out / MANIFEST, manifest.to_dict())
+        artifact.save(manifest, out)
         _gate(manifest, tgt, out, atol=atol, rtol=rtol, max_lsb=max_lsb)
     return manifest
 

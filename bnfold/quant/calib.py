@@ -31,41 +31,17 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.quant.options import LAYOUTS, Preprocess
 
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-LAYOUTS = ("NCHW", "NHWC")
 _FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.FLOAT16: np.float16,
     onnx.TensorProto.DOUBLE: np.float64,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-    """How an image becomes a model input (see the module doc for the order of the steps).
-
-    Attributes:
-        resize: Short side length (int), exact ``(height, width)``, or None (straight to the
-            crop size).
-        crop: Center crop ``(height, width)``; None means the model input's size.
-        mean: Subtracted after scaling; one value, or one per channel (in RGB order).
-        std: Divides after the mean; one value, or one per channel (in RGB order).
-        scale: Multiplies the 0..255 pixel values first.
-        bgr: Reverse the channel order (after normalization) for models trained on BGR.
-        layout: ``NCHW`` or ``NHWC``; None guesses from the model input's shape.
-    """
-
-    resize: int | tuple[int, int] | None = None
-    crop: tuple[int, int] | None = None
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    scale: float = 1.0 / 255.0
-    bgr: bool = False
-    layout: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ import onnx
 import onnx_ir as ir
 
 from bnfold import ir as bir
-from bnfold import pipeline
+from bnfold import onnxrt, pipeline
 from bnfold.errors import BnfoldError
 from bnfold.passes._util import Namer, is_onnx_op, label
 from bnfold.passes.bias_correction import (
@@ -46,13 +46,12 @@ from bnfold.passes.bias_correction import (
 from bnfold.passes.equalize import BN_STATS_KEY, Equalize
 from bnfold.passes.quantize_int8 import ACTIVATION_TYPES, MIN_OPSET, QuantizeInt8, plan
 from bnfold.quant import calib
+from bnfold.quant.options import BIAS_CORRECTION, DEFAULTS, METHODS
 from bnfold.steps import Steps
 
 logger = logging.getLogger(__name__)
 
 Feeds = dict[str, np.ndarray]
-METHODS = ("minmax", "percentile", "entropy")
-BIAS_CORRECTION = ("empirical", "analytic", "none")
 Progress = Callable[[str, int, int], None]
 
 
@@ -148,35 +147,16 @@ class Runner:
     """
 
     def __init__(self, model: onnx.ModelProto, names: Sequence[str]) -> None:
-        import onnxruntime as ort
-
         inputs = {i.name for i in model.graph.input}
         self.names = list(names)
         self._computed = [n for n in self.names if n not in inputs]
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 4  # fatal only: errors reach the user as one BnfoldError line
         proto = with_outputs(model, self._computed) if self._computed else None
-        try:
-            self._sess = (
-                ort.InferenceSession(
-                    proto.SerializeToString(), so, providers=["CPUExecutionProvider"]
-                )
-                if proto is not None
-                else None
-            )
-        except Exception as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise BnfoldError(f"onnxruntime cannot run the model: {msg}") from None
+        self._sess = onnxrt.session(proto.SerializeToString()) if proto is not None else None
 
     def __call__(self, feed: Feeds) -> dict[str, np.ndarray]:
         got: dict[str, np.ndarray] = {}
         if self._sess is not None:
-            try:
-                got = dict(zip(self._computed, self._sess.run(self._computed, feed), strict=True))
-            except Exception as e:
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise BnfoldError(f"onnxruntime cannot run the model: {msg}") from None
+            got = onnxrt.run(self._sess, feed, self._computed)
         got.update({k: v for k, v in feed.items() if k in self.names})
         return {n: got[n] for n in self.names}
 
@@ -215,8 +195,8 @@ def calibrate(
     float_model: onnx.ModelProto,
     feeds: Sequence[Feeds],
     tensors: Sequence[str],
-    method: str = "minmax",
-    percentile: float = 99.999,
+    method: str = DEFAULTS.method,
+    percentile: float = DEFAULTS.percentile,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Activation ranges ``{tensor: (lo, hi)}`` from onnxruntime's calibrator for ``method``.
@@ -276,6 +256,19 @@ def calibrate(
 
 # --------------------------------------------------------------------------------------------
 # Steps
+
+
+def ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int], None]:
+    """``tick(n)``: ``n`` more of ``total`` done in ``stage``, told to ``progress``."""
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(stage, done, total)
+
+    return tick
 
 
 def _as_ir(model: ir.Model | onnx.ModelProto | str | os.PathLike[str]) -> tuple[ir.Model, str]:
@@ -338,13 +331,13 @@ def quantize(
     model: ir.Model | onnx.ModelProto | str | os.PathLike[str],
     calib_feeds: Sequence[Feeds],
     *,
-    per_channel: bool = True,
-    activation_type: str = "uint8",
-    method: str = "minmax",
-    cle: bool = True,
-    bias_correction: bool | str = True,
-    exclude: Sequence[str] = (),
-    percentile: float = 99.999,
+    per_channel: bool = DEFAULTS.per_channel,
+    activation_type: str = DEFAULTS.activation_type,
+    method: str = DEFAULTS.method,
+    cle: bool = DEFAULTS.cle,
+    bias_correction: bool | str = DEFAULTS.bias_correction,
+    exclude: Sequence[str] = DEFAULTS.exclude,
+    percentile: float = DEFAULTS.percentile,
     batch_size: int = 8,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, QuantReport]:
@@ -417,24 +410,14 @@ def quantize(
     n_samples = sum(int(next(iter(f.values())).shape[0]) for f in feeds)
     report.calibration_samples = n_samples
 
-    def ticker(stage: str) -> Callable[[int], None]:
-        done = 0
-
-        def tick(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(stage, done, n_samples)
-
-        return tick
-
-    ranges = calibrate(twin, feeds, qplan.tensors, method, percentile, ticker("calibrating"))
+    tick = ticker(progress, "calibrating", n_samples)
+    ranges = calibrate(twin, feeds, qplan.tensors, method, percentile, tick)
     steps.lap("calibrate")
     if mode != "none":
         if mode == "empirical":
             names = sorted({n.inputs[0].name for n in corrected_layers(work)})
             means = collect_window_means(
-                work, feeds, Runner(twin, names), ticker("bias correction")
+                work, feeds, Runner(twin, names), ticker(progress, "bias correction", n_samples)
             )
             skipped: dict[str, str] = {}
         else:

@@ -1,6 +1,7 @@
 """Accuracy of an int8 model against its fp32 original, on held-out inputs; JSON, PNG, gate.
 
-Per output (onnxruntime, optimizations off, so the QDQ model runs exactly as written):
+Per output (onnxruntime, optimizations off, so the QDQ model runs exactly as written; the
+metrics are :mod:`bnfold.metrics`, as for ``verify``):
 
 * top-1 agreement: how often the int8 model's top class is the fp32 model's;
 * top-5 agreement: how often the fp32 model's top class is among the int8 model's top 5;
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from bnfold import ir as bir
+from bnfold import metrics
 from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.quant.quantize import QuantReport, Runner
@@ -100,21 +101,6 @@ class Accuracy:
         return "\n".join(lines)
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = np.sum(a * b, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where((na > 0) & (nb > 0), dot / (na * nb), (na == nb).astype(np.float64))
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 def evaluate(
     reference: onnx.ModelProto | str | os.PathLike[str],
     int8: onnx.ModelProto,
@@ -169,21 +155,18 @@ def evaluate(
         a, b = np.concatenate(ref_out[n]), np.concatenate(got_out[n])
         if not np.all(np.isfinite(b)):
             logger.warning("int8 output %s has NaN/Inf values", n)
-        cos = _cosines(a, b)
+        cos = metrics.cosines(a, b)
         diff = a.astype(np.float64) - b
         agr = OutputAgreement(
             n,
             int(a.shape[0]),
             float(np.nanmean(cos)),
             float(np.nanmin(cos)),
-            _db(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum(diff**2))),
+            metrics.sqnr_db(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum(diff**2))),
         )
-        if a.ndim == 2 and a.shape[1] >= 2:
+        agr.top1, agr.top5 = metrics.top_agreement(a, b)
+        if agr.top1 is not None:
             top_ref = a.argmax(axis=1)
-            agr.top1 = float(np.mean(top_ref == b.argmax(axis=1)))
-            if a.shape[1] >= 5:
-                top5 = np.argsort(-b, axis=1)[:, :5]
-                agr.top5 = float(np.mean([t in row for t, row in zip(top_ref, top5, strict=True)]))
             if labels is not None:
                 lab = np.asarray(labels).reshape(-1)
                 if lab.shape[0] != a.shape[0]:
@@ -201,7 +184,7 @@ def evaluate(
             "node": into.get(producers[t["name"]].name, producers[t["name"]].name)
             if t["name"] in producers
             else None,
-            "sqnr_db": round(_db(s, e), 3),
+            "sqnr_db": round(metrics.sqnr_db(s, e), 3),
             "scale": t["scale"],
         }
         for t, s, e in zip(tensors, sig, noise, strict=True)
