@@ -117,6 +117,10 @@ QUANT_OPTIONS: tuple[Callable[[Any], Any], ...] = (
                  help="Keep the layers that lose the most SQNR in float (more each round, up to "
                       "6 more quantizations) until the held-out mean cosine reaches this; the "
                       "report lists them."),
+    click.option("--target-agreement", type=click.FloatRange(0, 1), default=None,
+                 help="Like --target-cosine, for top-1 agreement with fp32: the argmax over the "
+                      "class axis of the first output that has one ((N, C) per sample, (N, T, C) "
+                      "per step, (N, C, H, W) per pixel); a model without one is rejected."),
     click.option("--min-top1-agreement", type=click.FloatRange(0, 1), default=None,
                  help="Fail (exit 1) if int8 top-1 agrees with fp32 on fewer held-out samples."),
     click.option("--min-cosine", type=click.FloatRange(0, 1), default=DEFAULT_MIN_COSINE,
@@ -191,6 +195,10 @@ def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts
     protected = protected_files(model)
     check_folder(outdir, INT8_OUTPUTS, protected)
     proto = bir.load_proto(model)
+    if opts.get("target_agreement") is not None:
+        from bnfold.quant.target import require_class_axis
+
+        require_class_axis(proto)  # before the (long) quantization
     specs = calib.input_specs(proto)
     pre = calib.Preprocess(
         resize=opts["resize"], crop=opts["crop"], mean=opts["mean"], std=opts["std"],
@@ -215,12 +223,12 @@ def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts
         acc = quant_report.evaluate(
             model, int8, report, held_batches, progress=bars.counter("evaluating", n_held)
         )
-        if opts.get("target_cosine") is not None:
-            from bnfold.quant.target import reach_cosine
+        goals = {"cosine": opts.get("target_cosine"), "agreement": opts.get("target_agreement")}
+        if any(v is not None for v in goals.values()):
+            from bnfold.quant import target
 
-            int8, report, acc = reach_cosine(
-                model, cal, held_batches, opts["target_cosine"], (int8, report, acc), **qopts
-            )
+            first = (int8, report, acc)
+            int8, report, acc = target.reach(model, cal, held_batches, goals, first, **qopts)
     finally:
         bars.close()
     report.source = str(model)
@@ -240,10 +248,9 @@ def run_quantize(model: Path, outdir: Path, shown_as: Path | None = None, **opts
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
     click.echo(acc.table())
     if report.target is not None:
-        t = report.target
-        click.echo(f"target cosine {t['cosine']:g} {'met' if t['met'] else 'NOT met'} with "
-                   f"{len(t['float_nodes'])} node(s) kept in float: "
-                   f"{', '.join(t['float_nodes']) or '-'}")  # fmt: skip
+        from bnfold.quant.target import summary
+
+        click.echo(summary(report.target))
     shown = shown_as or outdir
     click.echo(f"wrote {shown / name}, {shown / REPORT}, {shown / PLOT}")
     hints = _hints(report.options, shown / name)

@@ -2,8 +2,13 @@
 
 Per output (onnxruntime, optimizations off, so the QDQ model runs exactly as written):
 
-* top-1 agreement: how often the int8 model's top class is the fp32 model's;
-* top-5 agreement: how often the fp32 model's top class is among the int8 model's top 5;
+* top-1 agreement: how often the int8 model's top class is the fp32 model's, the argmax over
+  the output's class axis (:func:`class_axis`): ``(N, C)`` per sample; ``(N, T, C)`` (a
+  sequence of class scores, e.g. a CTC recognizer) per sample and step; ``(N, C, H, W, ...)``
+  (a segmentation map, channel-first as ONNX convs write it) per sample and position. An
+  output whose class axis has one entry (a single-channel heat map) has no top-1;
+* top-5 agreement (``(N, C)`` outputs): how often the fp32 model's top class is among the int8
+  model's top 5;
 * cosine similarity of each sample's output vector (mean and minimum over samples);
 * with labels: the accuracy of both models.
 
@@ -63,7 +68,7 @@ class Accuracy:
 
     @property
     def top1(self) -> float | None:
-        """Top-1 agreement of the first classifier-shaped output (None if there is none)."""
+        """Top-1 agreement of the first output that has a class axis (None if none has)."""
         return next((o.top1 for o in self.outputs if o.top1 is not None), None)
 
     @property
@@ -98,6 +103,17 @@ class Accuracy:
                 f"{r['tensor']} {r['sqnr_db']:.1f} dB" for r in worst
             ))  # fmt: skip
         return "\n".join(lines)
+
+
+def class_axis(shape: Sequence[int | str | None]) -> int | None:
+    """The axis top-1 agreement takes the argmax over, for an output of ``shape`` (see the module
+    doc): 1 for rank 2 and for rank 4 or more, 2 for rank 3 (``(N, T, C)``); None for rank 0-1
+    or when that axis has a single entry. Unknown dims (str/None) count as more than one."""
+    rank = len(shape)
+    if rank < 2:
+        return None
+    axis = 2 if rank == 3 else 1
+    return None if shape[axis] == 1 else axis
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -178,9 +194,11 @@ def evaluate(
             float(np.nanmin(cos)),
             _db(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum(diff**2))),
         )
+        axis = class_axis(a.shape)
+        if axis is not None:
+            agr.top1 = float(np.mean(a.argmax(axis=axis) == b.argmax(axis=axis)))
         if a.ndim == 2 and a.shape[1] >= 2:
             top_ref = a.argmax(axis=1)
-            agr.top1 = float(np.mean(top_ref == b.argmax(axis=1)))
             if a.shape[1] >= 5:
                 top5 = np.argsort(-b, axis=1)[:, :5]
                 agr.top5 = float(np.mean([t in row for t, row in zip(top_ref, top5, strict=True)]))
@@ -219,7 +237,10 @@ def gate_failures(
     failed = []
     if min_top1 is not None:
         if acc.top1 is None:
-            raise BnfoldError("--min-top1-agreement needs a classifier output (N, classes)")
+            raise BnfoldError(
+                "--min-top1-agreement needs an output with a class axis: (N, C), "
+                "(N, T, C) or (N, C, H, W) with C > 1"
+            )
         if acc.top1 < min_top1:
             failed.append(f"top-1 agreement {acc.top1:.4f} < {min_top1:g}")
     if min_cosine is not None and min_cosine > 0 and acc.cosine < min_cosine:
