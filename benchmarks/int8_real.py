@@ -55,7 +55,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,20 +285,20 @@ def _fixed(cache: Path, name: str, shape: tuple[int, ...], work: Path) -> Path:
     return path
 
 
-def tasks(names: tuple[str, ...], cache: Path, work: Path) -> list[Task]:
-    out = []
+def tasks(names: tuple[str, ...], cache: Path, work: Path) -> Iterator[Task]:
+    """The named tasks, each built when the previous one is done."""
     for name in names:
         if name == "mobilenet_v2":
             from benchmarks.int8_accuracy import CALIBRATION, EVALUATION, views
 
-            out.append(Task(name, model_path(cache, name), views(CALIBRATION), views(EVALUATION),
-                            top1_agreement, {"agreement": TARGET_AGREEMENT},
-                            f"views of photos ({len(CALIBRATION)} calib / {len(EVALUATION)} "
-                            "held-out photos)"))  # fmt: skip
+            yield Task(name, model_path(cache, name), views(CALIBRATION), views(EVALUATION),
+                       top1_agreement, {"agreement": TARGET_AGREEMENT},
+                       f"views of photos ({len(CALIBRATION)} calib / {len(EVALUATION)} "
+                       "held-out photos)")  # fmt: skip
         elif name == "ppocr_det":
-            out.append(Task(name, _fixed(cache, name, (1, 3, 320, 320), work),
-                            det_views(CALIB_PAGES), det_views(HELD_PAGES), det_metric,
-                            {"cosine": 0.99}, "320x320 page tiles"))  # fmt: skip
+            yield Task(name, _fixed(cache, name, (1, 3, 320, 320), work),
+                       det_views(CALIB_PAGES), det_views(HELD_PAGES), det_metric,
+                       {"cosine": 0.99}, "320x320 page tiles")  # fmt: skip
         elif name in ("ppocr_rec", "ppocr_cls"):
             h, w = (48, 320) if name == "ppocr_rec" else (48, 192)
             cal_crops = line_crops(LINE_CALIB_PAGES)
@@ -312,9 +312,9 @@ def tasks(names: tuple[str, ...], cache: Path, work: Path) -> list[Task]:
                 held += [{"x": norm_line(c[::-1, ::-1], h, w)} for c in held_crops]
                 labels = np.array([0] * len(held_crops) + [1] * len(held_crops))
                 metric = top1_agreement
-            out.append(Task(name, _fixed(cache, name, (1, 3, h, w), work), cal, held, metric,
-                            {"agreement": TARGET_AGREEMENT}, f"{h}x{w} text lines",
-                            labels))  # fmt: skip
+            yield Task(name, _fixed(cache, name, (1, 3, h, w), work), cal, held, metric,
+                       {"agreement": TARGET_AGREEMENT}, f"{h}x{w} text lines",
+                       labels)  # fmt: skip
         elif name == "digits":
             from benchmarks.digits import CALIBRATION_SAMPLES, build
 
@@ -322,11 +322,10 @@ def tasks(names: tuple[str, ...], cache: Path, work: Path) -> list[Task]:
             cal = [{"x": d["x_train"][i : i + 1]} for i in range(CALIBRATION_SAMPLES)]
             held = [{"x": d["x_test"][i : i + 1]} for i in range(len(d["x_test"]))]
             goals = {"agreement": TARGET_AGREEMENT}
-            out.append(Task(name, path, cal, held, top1_agreement, goals, "8x8 digits",
-                            d["y_test"]))  # fmt: skip
+            yield Task(name, path, cal, held, top1_agreement, goals, "8x8 digits",
+                       d["y_test"])  # fmt: skip
         else:
             raise SystemExit(f"unknown model {name}; known: {', '.join(MODELS)}")
-    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -200,3 +200,19 @@ def test_mac_share(nodes: list[str], share: float) -> None:
         node.name = ["Conv:c1", "Conv:c2", "", "", "Conv:y"][i]
     total = 13824 + 4096 + 80
     assert mac_share(model, nodes) == pytest.approx(share / total if share > 1 else share)
+
+
+def test_mac_share_skips_unknown_ranks() -> None:
+    """A MatMul whose operand's rank shape inference cannot know (reshaped to a computed
+    shape, as attention blocks do) is left out, not a crash."""
+    from bnfold.quant.target import mac_share
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,8] x, int64[K] s) => (float[N,4] y) {
+        y = MatMul (x, W)
+        r = Reshape (x, s)
+        z = MatMul (x, r)
+    }"""
+    model = parse(text, W=np.ones((8, 4), np.float32))
+    model.graph.node[0].name, model.graph.node[2].name = "a", "b"
+    assert mac_share(model, ["a"]) == 1.0 and mac_share(model, ["b"]) == 0.0

@@ -81,8 +81,13 @@ def _shortfall(acc: Accuracy, targets: dict[str, float]) -> float:
 
 def mac_share(model: onnx.ModelProto, nodes: Sequence[str]) -> float | None:
     """The share of Conv/ConvTranspose/Gemm/MatMul multiply-accumulates done by ``nodes`` (at
-    batch 1; unknown dims count as 1). None when the model has none."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    batch 1; unknown dims count as 1, a node whose shapes have unknown rank is not counted).
+    None when the model has none."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # an estimate for the report: go on with the declared shapes
+        logger.info("shape inference for the MAC share failed: %s", e)
+        inferred = model
     shapes = {}
     for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
         dims = v.type.tensor_type.shape.dim
@@ -95,7 +100,7 @@ def mac_share(model: onnx.ModelProto, nodes: Sequence[str]) -> float | None:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
         out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
-        if out is None or w is None:
+        if not out or not w:  # unknown rank (a dynamic reshape upstream): not counted
             continue
         n_out = math.prod(out[1:]) if out else 1
         if node.op_type == "Conv":
