@@ -491,9 +491,22 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(".cache/models"))
     ap.add_argument("--work", type=Path, default=None, help="keep the models here")
     ap.add_argument("--latency", action="store_true")
+    ap.add_argument(
+        "--target-agreement",
+        type=float,
+        default=TARGET_AGREEMENT,
+        help="the agreement target (other than 0.95: results keyed MODEL@X)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="merge the results into this file")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument(
+        "--tables", type=Path, default=None, help="only print the tables of this results JSON"
+    )
     args = ap.parse_args()
+    if args.tables is not None:
+        for name, r in json.loads(args.tables.read_text()).items():
+            print(table(name, r), "\n")
+        return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="int8-real-") as tmp:
@@ -501,6 +514,9 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         results = {}
         for task in tasks(tuple(args.models.split(",")), args.cache, work):
+            if "agreement" in task.goals and args.target_agreement != TARGET_AGREEMENT:
+                task.goals = {"agreement": args.target_agreement}
+                task.name = f"{task.name}@{args.target_agreement:g}"
             results[task.name] = run_task(task, work, args.latency)
             print(table(task.name, results[task.name]), "\n", flush=True)
             if args.json is not None:
