@@ -18,6 +18,7 @@ import pytest
 
 from bnfold.quant.report import class_axis
 from bnfold.testing import parse
+from tests.test_int8_gate import run_cli
 
 # Head after the two convs: a classifier, a per-pixel class map, a one-channel heat map.
 HEADS = {
@@ -69,22 +70,6 @@ def _files(tmp_path: Path, head: str) -> tuple[Path, Path, Path]:
     return model, calib, held
 
 
-def _bnfold(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``bnfold ARGS`` through its entry point; (exit code, stdout, stderr)."""
-    from bnfold.cli import cli, main
-    from bnfold.cli.quant import COMMANDS
-
-    for command in COMMANDS:
-        if command.name not in cli.commands:
-            cli.add_command(command)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-        raise SystemExit(0)
-    got = capsys.readouterr()
-    return int(e.value.code or 0), got.out, got.err
-
-
 def _agreement(model: Path, int8: Path, held: Path) -> float:
     """Top-1 agreement over axis 1 (per sample or per pixel), computed here in onnxruntime."""
     import onnxruntime as ort
@@ -115,12 +100,12 @@ def test_target_agreement_is_met_and_the_float_layers_reported(
     out = tmp_path / "q"
     base = ("quantize", str(model), "--calib", str(calib), "--eval", str(held), "--min-cosine", "0")
     # All in int8: far from the target (the starved layer).
-    code, _, err = _bnfold(capsys, *base, "-o", str(tmp_path / "plain"))
+    code, _, err = run_cli(capsys, *base, "-o", str(tmp_path / "plain"))
     assert code == 0, err
     plain = json.loads((tmp_path / "plain" / "quant_report.json").read_text())
     assert plain["accuracy"]["top1"] < 0.9 and plain["target"] is None
 
-    code, stdout, err = _bnfold(capsys, *base, "-o", str(out), "--target-agreement", "0.95")
+    code, stdout, err = run_cli(capsys, *base, "-o", str(out), "--target-agreement", "0.95")
     assert code == 0, err
     report = json.loads((out / "quant_report.json").read_text())
     target = report["target"]
@@ -144,7 +129,7 @@ def test_target_agreement_is_met_and_the_float_layers_reported(
 def test_both_targets_must_be_met(tmp_path: Path, capsys) -> None:
     model, calib, held = _files(tmp_path, "logits")
     out = tmp_path / "q"
-    code, stdout, err = _bnfold(capsys, "quantize", str(model), "--calib", str(calib), "--eval",
+    code, stdout, err = run_cli(capsys, "quantize", str(model), "--calib", str(calib), "--eval",
                                 str(held), "-o", str(out), "--target-agreement", "0.9",
                                 "--target-cosine", "0.999")  # fmt: skip
     assert code == 0, err
@@ -159,7 +144,7 @@ def test_target_agreement_rejects_a_heat_map(tmp_path: Path, capsys) -> None:
     """(N, 1, H, W) has no class to agree on: one line, exit 2, before quantizing."""
     model, calib, _ = _files(tmp_path, "heat")
     out = tmp_path / "q"
-    code, _, err = _bnfold(capsys, "quantize", str(model), "--calib", str(calib), "-o", str(out),
+    code, _, err = run_cli(capsys, "quantize", str(model), "--calib", str(calib), "-o", str(out),
                            "--target-agreement", "0.9")  # fmt: skip
     assert code == 2, err
     assert err.strip().splitlines() == [err.strip()]
@@ -167,7 +152,7 @@ def test_target_agreement_rejects_a_heat_map(tmp_path: Path, capsys) -> None:
     assert "y (?, 1, 8, 8)" in err and "use --target-cosine" in err
     assert not (out / "model.int8.onnx").exists()
     # The cosine target works on it.
-    code, _, err = _bnfold(capsys, "quantize", str(model), "--calib", str(calib), "-o", str(out),
+    code, _, err = run_cli(capsys, "quantize", str(model), "--calib", str(calib), "-o", str(out),
                            "--target-cosine", "0.99")  # fmt: skip
     assert code == 0, err
 
@@ -176,7 +161,7 @@ def test_compile_int8_takes_the_target(tmp_path: Path, capsys) -> None:
     pytest.importorskip("tvm")
     model, calib, held = _files(tmp_path, "logits")
     out = tmp_path / "out"
-    code, stdout, err = _bnfold(capsys, "compile", str(model), "--int8", "--calib", str(calib),
+    code, stdout, err = run_cli(capsys, "compile", str(model), "--int8", "--calib", str(calib),
                                 "--eval", str(held), "--target-agreement", "0.95", "-o",
                                 str(out))  # fmt: skip
     assert code == 0, err
