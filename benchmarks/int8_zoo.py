@@ -95,7 +95,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/int8_zoo.json"))
     args = ap.parse_args()
-    models = sorted(args.zoo.glob(f"*.{args.style}.onnx"))
+    # Smallest first: a run stopped early has covered as many models as it could.
+    models = sorted(args.zoo.glob(f"*.{args.style}.onnx"), key=lambda p: p.stat().st_size)
     if args.only:
         wanted = set(args.only.split(","))
         models = [m for m in models if m.name.split(".")[0] in wanted]
