@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -68,6 +69,27 @@ def sqnr_db(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def class_axis(shape: Sequence[int | str | None]) -> int | None:
+    """The axis a top-1 agreement takes the argmax over, for an output of ``shape``: 1 for rank
+    2 (``(N, C)``) and for rank 4 or more (``(N, C, H, W)``: per position), 2 for rank 3
+    (``(N, T, C)``: per step, e.g. a CTC recognizer); None for rank 0-1 or when that axis has a
+    single entry (a one-channel heat map). Unknown dims (str/None) count as more than one."""
+    rank = len(shape)
+    if rank < 2:
+        return None
+    axis = 2 if rank == 3 else 1
+    return None if shape[axis] == 1 else axis
+
+
+def class_agreement(ref: np.ndarray, got: np.ndarray) -> float | None:
+    """How often ``got``'s top class is ``ref``'s, over :func:`class_axis` (per sample, step or
+    position); None for an output without a class axis."""
+    axis = class_axis(ref.shape)
+    if axis is None:
+        return None
+    return float(np.mean(np.argmax(ref, axis=axis) == np.argmax(got, axis=axis)))
 
 
 def top_agreement(ref: np.ndarray, got: np.ndarray) -> tuple[float | None, float | None]:

@@ -25,7 +25,9 @@ Which nodes run in int8 (:func:`plan`), and why the others do not:
   output. ``MaxPool``, ``Flatten``, ``Reshape``, ``Transpose``, ``Squeeze``, ``Unsqueeze``: their
   output reuses the input's scale and zero point (they move values, never create new ones).
 * Everything else stays float (reason ``no int8 kernel``); so does a node the caller excludes,
-  and a node whose weight is not a constant initializer.
+  a node whose weight is not a constant initializer, and a pass-through node that reads only
+  a constant (Paddle exports a conv's bias as ``Reshape(B, shape) -> Add``: an initializer is
+  not an activation, and no calibrator gives it a range).
 
 Every float tensor read by an int8 node gets one ``QuantizeLinear -> DequantizeLinear`` pair at
 its producer, and every reader of that tensor reads the dequantized value (in a real int8
@@ -206,7 +208,9 @@ def _data_inputs(node: ir.Node) -> list[ir.Value]:
     if is_onnx_op(node, *COMPUTE_OPS):
         return [node.inputs[0]]
     if is_onnx_op(node, "Reshape", "Squeeze", "Unsqueeze"):
-        return [node.inputs[0]]
+        # A reshaped constant (Paddle's exported conv bias, Reshape(B, shape) -> Add) is not an
+        # activation: no calibrator gives an initializer a range.
+        return [node.inputs[0]] if const_array(node.inputs[0]) is None else []
     return [v for v in node.inputs if _is_float(v) and const_array(v) is None]
 
 
@@ -253,7 +257,9 @@ def plan(model: ir.Model, exclude: Collection[str] = ()) -> Plan:
                 decided[node] = NodePlan(name, node.op_type, "float", why)
         elif is_onnx_op(node, *INT8_OPS, *PASSTHROUGH_OPS):
             data = _data_inputs(node)
-            if not data or not all(_is_float(v) for v in data) or not _is_float(node.outputs[0]):
+            if not data:
+                decided[node] = NodePlan(name, node.op_type, "float", "reads only constants")
+            elif not all(_is_float(v) for v in data) or not _is_float(node.outputs[0]):
                 decided[node] = NodePlan(name, node.op_type, "float", "not float32 activations")
             elif is_onnx_op(node, "Add") and len(data) != 2:
                 decided[node] = NodePlan(name, node.op_type, "float", "Add of a constant")

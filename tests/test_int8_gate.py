@@ -49,8 +49,9 @@ def _files(tmp_path: Path, starved: bool) -> tuple[Path, Path]:
     return model, data
 
 
-def _bnfold(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    """``bnfold ARGS`` through its entry point (one stderr line per failure); (code, stderr)."""
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``bnfold ARGS`` through its entry point (one stderr line per failure); (code, stdout,
+    stderr)."""
     from bnfold.cli import cli, main
     from bnfold.cli.quant import COMMANDS
 
@@ -61,7 +62,13 @@ def _bnfold(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as e:
         main(list(args))
         raise SystemExit(0)
-    return int(e.value.code or 0), capsys.readouterr().err
+    got = capsys.readouterr()
+    return int(e.value.code or 0), got.out, got.err
+
+
+def _bnfold(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code, _, err = run_cli(capsys, *args)
+    return code, err
 
 
 def _quantize(capsys, model: Path, data: Path, out: Path, *extra: str) -> tuple[int, str]:

@@ -102,3 +102,32 @@ def test_every_spelling_of_an_activation_is_fused(act: str) -> None:
     assert not {"c1", "c2"} & quantized and {"r1", "r2"} <= quantized
     acc = evaluate(model, int8, report, _samples(16, 2))
     assert acc.cosine > 0.99, acc.table()
+
+
+def test_paddle_conv_bias_reshaped_constant() -> None:
+    """Paddle exports a conv's bias as ``Reshape(B, shape) -> Add`` after a bias-free conv
+    (PP-OCR's SE blocks): the Reshape reads only a constant, so it stays float (no calibrator
+    gives an initializer a range; quantizing it failed with "the calibrator gave no range")
+    and the Add still runs in int8 with the reshaped bias quantized as its second input."""
+    rng = np.random.default_rng(0)
+    text = f"""{HEADER}
+    g (float[N,3,16,16] x) => (float[N,10] logits) {{
+        c = Conv <pads=[1,1,1,1]> (x, W)
+        b = Reshape (Bc, shape)
+        cb = Add (c, b)
+        r = Relu (cb)
+        gp = GlobalAveragePool (r)
+        f = Flatten (gp)
+        logits = Gemm <transB=1> (f, Wf, Bf)
+    }}"""
+    tensors = {"W": rng.normal(0, 0.3, (8, 3, 3, 3)), "Bc": rng.normal(0.5, 0.3, 8),
+               "Wf": rng.normal(0, 1, (10, 8)), "Bf": np.zeros(10)}  # fmt: skip
+    arrays = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    model = parse(text, shape=np.array([1, 8, 1, 1], np.int64), **arrays)
+    int8, report = quantize(model, _samples(32, 1))
+    status = {r["op"]: (r["status"], r.get("reason")) for r in report.layers}
+    assert status["Reshape"] == ("float", "reads only constants")
+    assert status["Add"][0] == "int8" and status["Conv"][0] == "int8"
+    assert "Bc" not in {t["name"] for t in report.tensors}
+    acc = evaluate(model, int8, report, _samples(16, 2))
+    assert acc.cosine > 0.99, acc.table()

@@ -132,6 +132,11 @@ QUANT_OPTIONS: tuple[Callable[[Any], Any], ...] = (
                  help="Keep the layers that lose the most SQNR in float (more each round, up to "
                       "6 more quantizations) until the held-out mean cosine reaches this; the "
                       "report lists them."),
+    click.option("--target-agreement", type=click.FloatRange(0, 1),
+                 default=D.target_agreement,
+                 help="Like --target-cosine, for top-1 agreement with fp32: the argmax over the "
+                      "class axis of the first output that has one ((N, C) per sample, (N, T, C) "
+                      "per step, (N, C, H, W) per pixel); a model without one is rejected."),
     click.option("--min-top1-agreement", type=click.FloatRange(0, 1),
                  default=D.min_top1_agreement,
                  help="Fail (exit 1) if int8 top-1 agrees with fp32 on fewer held-out samples."),
@@ -196,6 +201,11 @@ def run_quantize(
         raise click.UsageError("int8 quantization needs --calib DATA (images, .npz or .npy)")
     protected = protected_files(model)
     check_folder(outdir, INT8_OUTPUTS, protected)
+    if options.target_agreement is not None:
+        from bnfold.ir import load_proto
+        from bnfold.quant.target import require_class_axis
+
+        require_class_axis(load_proto(model))  # before the (long) quantization
     bars = _Bars()
     try:
         result = run.quantize(model, options, progress=bars)
@@ -208,10 +218,9 @@ def run_quantize(
     click.echo(f"fp32 vs int8 on {acc.samples} held-out sample(s) (not used to calibrate):")
     click.echo(acc.table())
     if report.target is not None:
-        t = report.target
-        click.echo(f"target cosine {t['cosine']:g} {'met' if t['met'] else 'NOT met'} with "
-                   f"{len(t['float_nodes'])} node(s) kept in float: "
-                   f"{', '.join(t['float_nodes']) or '-'}")  # fmt: skip
+        from bnfold.quant.target import summary
+
+        click.echo(summary(report.target))
     shown = shown_as or outdir
     click.echo(f"wrote {shown / written.name}, {shown / REPORT}, {shown / PLOT}")
     result.raise_if_failed(_hints(options, shown / written.name))

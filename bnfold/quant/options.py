@@ -82,7 +82,9 @@ class QuantOptions:
         exclude: Node names to keep in float.
         resize, crop, mean, std, scale, bgr, layout: Images only: see :class:`Preprocess`.
         target_cosine: Keep the most damaged layers in float until the held-out mean cosine
-            reaches this (:func:`bnfold.quant.target.reach_cosine`); None: no search.
+            reaches this (:func:`bnfold.quant.target.reach`); None: no search.
+        target_agreement: The same for top-1 agreement over the first output with a class
+            axis (:func:`bnfold.metrics.class_axis`); with both, both must be met.
         min_top1_agreement: The gate's top-1 agreement floor; None: no floor.
         min_cosine: The gate's mean cosine floor; 0 disables it.
     """
@@ -107,6 +109,7 @@ class QuantOptions:
     bgr: bool = _PRE.bgr
     layout: str | None = _PRE.layout
     target_cosine: float | None = None
+    target_agreement: float | None = None
     min_top1_agreement: float | None = None
     min_cosine: float = 0.9
 
@@ -131,7 +134,7 @@ class QuantOptions:
         for name in ("calib_size", "eval_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BnfoldError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("target_cosine", "min_top1_agreement", "min_cosine"):
+        for name in ("target_cosine", "target_agreement", "min_top1_agreement", "min_cosine"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
                 raise BnfoldError(f"{name} must be in [0, 1], not {value}")
@@ -153,7 +156,7 @@ class QuantOptions:
 
     def quantize_kwargs(self) -> dict[str, object]:
         """The keyword arguments of :func:`bnfold.quant.quantize.quantize` (and of
-        :func:`bnfold.quant.target.reach_cosine`, which passes them on)."""
+        :func:`bnfold.quant.target.reach`, which passes them on)."""
         return {
             "per_channel": self.per_channel,
             "activation_type": self.activation_type,

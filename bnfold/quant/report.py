@@ -3,8 +3,13 @@
 Per output (onnxruntime, optimizations off, so the QDQ model runs exactly as written; the
 metrics are :mod:`bnfold.metrics`, as for ``verify``):
 
-* top-1 agreement: how often the int8 model's top class is the fp32 model's;
-* top-5 agreement: how often the fp32 model's top class is among the int8 model's top 5;
+* top-1 agreement: how often the int8 model's top class is the fp32 model's, the argmax over
+  the output's class axis (:func:`class_axis`): ``(N, C)`` per sample; ``(N, T, C)`` (a
+  sequence of class scores, e.g. a CTC recognizer) per sample and step; ``(N, C, H, W, ...)``
+  (a segmentation map, channel-first as ONNX convs write it) per sample and position. An
+  output whose class axis has one entry (a single-channel heat map) has no top-1;
+* top-5 agreement (``(N, C)`` outputs): how often the fp32 model's top class is among the int8
+  model's top 5;
 * cosine similarity of each sample's output vector (mean and minimum over samples);
 * with labels: the accuracy of both models.
 
@@ -32,6 +37,7 @@ from bnfold import ir as bir
 from bnfold import metrics
 from bnfold.atomic import atomic_path
 from bnfold.errors import BnfoldError, CheckFailed
+from bnfold.metrics import class_axis  # noqa: F401  (the quant target's, and the tests')
 from bnfold.quant.quantize import QuantReport, Runner
 
 logger = logging.getLogger(__name__)
@@ -64,7 +70,7 @@ class Accuracy:
 
     @property
     def top1(self) -> float | None:
-        """Top-1 agreement of the first classifier-shaped output (None if there is none)."""
+        """Top-1 agreement of the first output that has a class axis (None if none has)."""
         return next((o.top1 for o in self.outputs if o.top1 is not None), None)
 
     @property
@@ -164,8 +170,9 @@ def evaluate(
             float(np.nanmin(cos)),
             metrics.sqnr_db(float(np.sum(a.astype(np.float64) ** 2)), float(np.sum(diff**2))),
         )
-        agr.top1, agr.top5 = metrics.top_agreement(a, b)
-        if agr.top1 is not None:
+        agr.top1 = metrics.class_agreement(a, b)
+        _, agr.top5 = metrics.top_agreement(a, b)
+        if a.ndim == 2 and a.shape[1] >= 2:
             top_ref = a.argmax(axis=1)
             if labels is not None:
                 lab = np.asarray(labels).reshape(-1)
@@ -202,7 +209,10 @@ def gate_failures(
     failed = []
     if min_top1 is not None:
         if acc.top1 is None:
-            raise BnfoldError("--min-top1-agreement needs a classifier output (N, classes)")
+            raise BnfoldError(
+                "--min-top1-agreement needs an output with a class axis: (N, C), "
+                "(N, T, C) or (N, C, H, W) with C > 1"
+            )
         if acc.top1 < min_top1:
             failed.append(f"top-1 agreement {acc.top1:.4f} < {min_top1:g}")
     if min_cosine is not None and min_cosine > 0 and acc.cosine < min_cosine:

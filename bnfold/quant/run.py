@@ -3,7 +3,7 @@
 :func:`quantize` takes a model and its :class:`~bnfold.quant.options.QuantOptions` and goes::
 
     read samples (calib, eval) -> hold out (unless eval data is given) -> quantize
-        -> evaluate on the held-out samples -> (target cosine search) -> gate
+        -> evaluate on the held-out samples -> (target cosine / agreement search) -> gate
 
 and returns a :class:`QuantResult`; :func:`write` puts its files in a folder. Nothing here
 prints: the CLI shows the result and turns a failed gate into exit code 1
@@ -116,9 +116,10 @@ def quantize(
     acc = quant_report.evaluate(
         model, int8, report, held_batches, progress=ticker(progress, "evaluating", n_held)
     )
-    if options.target_cosine is not None:
-        int8, report, acc = quant_target.reach_cosine(
-            model, cal, held_batches, options.target_cosine, (int8, report, acc), **kwargs
+    goals = {"cosine": options.target_cosine, "agreement": options.target_agreement}
+    if any(v is not None for v in goals.values()):
+        int8, report, acc = quant_target.reach(
+            model, cal, held_batches, goals, (int8, report, acc), **kwargs
         )
     report.source = str(model)
     failures = quant_report.gate_failures(acc, options.min_top1_agreement, options.min_cosine)
