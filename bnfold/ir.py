@@ -13,7 +13,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -25,7 +24,7 @@ from google.protobuf.message import Message
 
 from bnfold.atomic import write_bytes
 from bnfold.errors import BnfoldError
-from bnfold.outputs import check_destination, signals_deferred
+from bnfold.outputs import check_destination, remove_tree, signals_deferred
 
 logger = logging.getLogger(__name__)
 
@@ -496,4 +495,4 @@ def save(
             raise
     finally:
         if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            remove_tree(tmp_dir)

@@ -26,6 +26,7 @@ import shutil
 import signal
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -126,17 +127,44 @@ def signals_deferred() -> Iterator[None]:
 
     A few renames are then all-or-nothing for an interrupt; only SIGKILL (or a power cut) can
     still stop them half-way.
+
+    The block runs with Python-level handlers that only note the signal; the previous handlers
+    come back at the end and a noted signal is raised again then, once. (Blocking the signal
+    with ``pthread_sigmask`` is not enough: it masks only the calling thread, and once
+    onnxruntime or TVM have started their thread pools the kernel delivers the signal to one
+    of those, whose note the interpreter then acts on in the main thread anyway.) Outside the
+    main thread, where handlers cannot be set, the block runs as it is.
     """
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    except (AttributeError, ValueError, OSError):  # no pthread_sigmask on this platform
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pending: list[int] = []
+
+    def note(signum: int, frame: object) -> None:
+        pending.append(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: set outside Python, and could not be put back
+            old[sig] = signal.signal(sig, note)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a temp folder bnfold made, with SIGINT/SIGTERM held back until it is gone.
+
+    The clean-up runs last (after the renames, or on the way out of a failure): an interrupt
+    that lands while it runs would otherwise stop it half-way and leave the temp folder behind.
+    """
+    with signals_deferred():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -165,7 +193,7 @@ def staged_folder(outdir: Path, protected: Iterable[Path] = ()) -> Iterator[Path
         _commit(staging, outdir, protected)
     finally:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
 
 
 _LAST = "manifest.json"  # what marks a compile folder as complete: it moves in last

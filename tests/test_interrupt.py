@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,3 +320,26 @@ def test_peak_memory_on_external_data_model(tmp_path: Path) -> None:
     ratio = (peak_kb - base_kb) * 1024 / data
     print(f"\npeak RSS {peak_kb / 1024:.0f} MiB, {ratio:.2f}x the {data / 2**20:.0f} MiB of data")
     assert ratio < 3.5
+
+
+def test_an_interrupt_during_the_clean_up_still_removes_the_temp_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temp folder of an external-data save (or a staged output folder) is removed last; a
+    SIGINT that lands right then is delivered after the folder is gone, not half-way (seen once
+    under load: ``.out.onnx.<random>`` left after an interrupted fold)."""
+    from bnfold import outputs
+
+    temp = tmp_path / ".out.onnx.abc"
+    temp.mkdir()
+    (temp / "out.onnx.data").write_bytes(b"x" * 4096)
+    real = shutil.rmtree
+
+    def interrupted(path: Any, **kwargs: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, just as the clean-up starts
+        real(path, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.remove_tree(temp)
+    assert not temp.exists()

@@ -43,6 +43,7 @@ from bnfold import targets as targets_
 from bnfold.artifact import MANIFEST, Manifest, sha256_file
 from bnfold.errors import BnfoldError, CheckFailed
 from bnfold.lower import int8 as lower_int8
+from bnfold.outputs import remove_tree
 from bnfold.passes.drop_implied_activations import DropImpliedActivations
 from bnfold.steps import Observer, Steps
 from bnfold.targets import Target, _schedule, host_arch
@@ -311,7 +312,7 @@ def build_layerwise(
             shutil.rmtree(final)
         os.replace(work / "out", final)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
     return final
 
 
