@@ -160,3 +160,29 @@ def test_library_call_reports_a_failed_gate(files: tuple[Path, Path], tmp_path: 
 def test_library_call_needs_calibration_data(files: tuple[Path, Path]) -> None:
     with pytest.raises(BnfoldError, match="needs calibration data"):
         run.quantize(files[0], QuantOptions())
+
+
+def test_library_call_reads_the_model_file_once(
+    files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quantize, the held-out evaluation and the target search (which quantizes again) all use
+    the one proto read at the start: the file is moved away as soon as it has been read."""
+    from bnfold import ir as bir
+
+    model, data = files
+    reads: list[Path] = []
+    read_bytes = bir._read_bytes
+
+    def read_then_remove(path: Path) -> bytes:
+        got = read_bytes(path)
+        reads.append(path)
+        if path == model:
+            path.rename(tmp_path / "moved.onnx")
+        return got
+
+    monkeypatch.setattr(bir, "_read_bytes", read_then_remove)
+    # An unreachable cosine makes the target search run all its rounds.
+    got = run.quantize(model, QuantOptions(calib_path=data, target_cosine=1.0, min_cosine=0))
+    assert reads == [model]
+    assert got.report.source == str(model)
+    assert len(got.report.target["rounds"]) > 1

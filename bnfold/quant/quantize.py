@@ -271,14 +271,17 @@ def ticker(progress: Progress | None, stage: str, total: int) -> Callable[[int],
     return tick
 
 
-def _as_ir(model: ir.Model | onnx.ModelProto | str | os.PathLike[str]) -> tuple[ir.Model, str]:
-    """A private IR copy of ``model`` with default opset >= 13 (per-channel QDQ needs it)."""
+def _as_ir(
+    model: ir.Model | onnx.ModelProto | str | os.PathLike[str], source: str | None = None
+) -> tuple[ir.Model, str]:
+    """A private IR copy of ``model`` with default opset >= 13 (per-channel QDQ needs it);
+    ``source`` names it in messages (default: the path, else the graph's name)."""
     if isinstance(model, (str, os.PathLike)):
-        proto, source = bir.load_proto(model), str(model)
+        proto, source = bir.load_proto(model), source or str(model)
     elif isinstance(model, onnx.ModelProto):
-        proto, source = model, model.graph.name or "<ModelProto>"
+        proto, source = model, source or model.graph.name or "<ModelProto>"
     else:
-        proto, source = bir.to_proto(model), model.graph.name or "<model>"
+        proto, source = bir.to_proto(model), source or model.graph.name or "<model>"
     if bir.default_opset(proto) < MIN_OPSET:
         from onnx import version_converter
 
@@ -340,6 +343,7 @@ def quantize(
     percentile: float = DEFAULTS.percentile,
     batch_size: int = 8,
     progress: Progress | None = None,
+    source: str | None = None,
 ) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize ``model`` to a QDQ int8 model.
 
@@ -357,6 +361,8 @@ def quantize(
         percentile: The percentile of the ``percentile`` method.
         batch_size: Samples per onnxruntime run for models with a dynamic batch.
         progress: ``(stage, done, total)`` callback, e.g. for a progress bar.
+        source: What to call the model in messages and the report (default: its path, else
+            its graph's name), for a caller that read the file itself.
 
     Returns:
         The int8 model and its :class:`QuantReport`.
@@ -373,7 +379,7 @@ def quantize(
 
     steps = Steps(digits=4)
 
-    work, source = _as_ir(model)
+    work, source = _as_ir(model, source)
     _name_nodes(work)
     owners = _keep_bn_stats(work)
     work, fold_report = pipeline.fold(work)

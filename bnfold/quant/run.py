@@ -99,6 +99,8 @@ def quantize(
     """
     if options.calib_path is None:
         raise BnfoldError("int8 quantization needs calibration data (calib_path)")
+    # Read once: quantization, the held-out evaluation and the target search all take this
+    # proto (each works on its own copy), so they see the same model even if the file changes.
     proto = ir.load_proto(model)
     specs = calib.input_specs(proto)
     samples = _samples(options.calib_path, specs, options, options.calib_size, progress,
@@ -110,16 +112,16 @@ def quantize(
     else:
         cal, held = calib.split(samples, options.eval_fraction)
     kwargs = options.quantize_kwargs()
-    int8, report = quantize_model(model, cal, progress=progress, **kwargs)
+    int8, report = quantize_model(proto, cal, progress=progress, source=str(model), **kwargs)
     held_batches = calib.batches(held, specs)
     n_held = sum(int(next(iter(b.values())).shape[0]) for b in held_batches)
     acc = quant_report.evaluate(
-        model, int8, report, held_batches, progress=ticker(progress, "evaluating", n_held)
+        proto, int8, report, held_batches, progress=ticker(progress, "evaluating", n_held)
     )
     goals = {"cosine": options.target_cosine, "agreement": options.target_agreement}
     if any(v is not None for v in goals.values()):
         int8, report, acc = quant_target.reach(
-            model, cal, held_batches, goals, (int8, report, acc), **kwargs
+            proto, cal, held_batches, goals, (int8, report, acc), source=str(model), **kwargs
         )
     report.source = str(model)
     failures = quant_report.gate_failures(acc, options.min_top1_agreement, options.min_cosine)
