@@ -146,7 +146,9 @@ def signals_deferred() -> Iterator[None]:
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(sig)
-        if handler is not None:  # None: set outside Python, and could not be put back
+        # None: set outside Python, and could not be put back; SIG_IGN: the signal does
+        # nothing here anyway (e.g. a background job of a shell), so it stays ignored.
+        if handler is not None and handler is not signal.SIG_IGN:
             old[sig] = signal.signal(sig, note)
     try:
         yield
