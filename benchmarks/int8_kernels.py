@@ -2,7 +2,7 @@
 
 For real MobileNetV2 and ResNet-18 layer shapes (batch 1): the int8 kernels (conv +
 requantize, uint8 in and out) against the fp32 conv + bias + relu of the same shape compiled
-with bnfold's CPU rules (``targets._schedule.cpu_pipeline``), and onnxruntime's fp32 Conv + Relu,
+with bnfold's CPU rules (``targets.schedule.cpu_pipeline``), and onnxruntime's fp32 Conv + Relu,
 all at one thread (``--threads``). On a CPU with AVX-512 VNNI the dense convs are timed twice:
 the VNNI kernel (``vnni``, the default there) and the AVX2 kernel (``avx2``) for the same
 target; elsewhere the ``vnni`` column is empty. Medians of ``--repeat`` timings, all sampled
@@ -81,9 +81,9 @@ def _vm_runner(mod: Any, target: Any, inputs: list[np.ndarray]) -> Any:
     import tvm
     from tvm import relax
 
-    from bnfold.targets import _schedule
+    from bnfold.targets import schedule
 
-    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=schedule.cpu_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     args = [tvm.runtime.tensor(a) for a in inputs]
     vm.set_input("main", *args)

@@ -77,13 +77,13 @@ def _compile(model_path: Path, outdir: Path) -> dict[str, str]:
     """Compile ``model_path`` for x86 into ``outdir``; returns PrimFunc name -> kind."""
     from bnfold import ir, pipeline
     from bnfold.lower import compiler as lower
-    from bnfold.targets import _schedule, get
+    from bnfold.targets import get, schedule
 
     tgt = get("x86").resolved()
     folded, _ = pipeline.fold(ir.load(model_path))
     shapes = _shapes(model_path)
     mod = lower.import_relax(lower.freeze(folded, shapes), shapes)
-    with _schedule.recording() as matches:
+    with schedule.recording() as matches:
         executable = lower.build(mod, tgt)
     outdir.mkdir(parents=True, exist_ok=True)
     tgt.export(executable, outdir)

@@ -63,10 +63,10 @@ def _run(func: Any, consts: list[np.ndarray], x: np.ndarray, out_shape: tuple[in
     """Compile ``func`` inside a Relax module with bnfold's CPU pipeline and run it on x."""
     from tvm import relax
 
-    from bnfold.targets import _schedule
+    from bnfold.targets import schedule
 
     mod = _module(func, consts, x, out_shape, out_dtype)
-    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=schedule.cpu_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](tvm.runtime.tensor(x)).numpy()
 
@@ -248,7 +248,7 @@ def _run_many(func: Any, consts: list[np.ndarray], xs: list[np.ndarray],
     bindings Relax's reshape detection looks at)."""
     from tvm import relax
 
-    from bnfold.targets import _schedule
+    from bnfold.targets import schedule
 
     bb = relax.BlockBuilder()
     params = [relax.Var(f"x{i}", relax.TensorType(list(x.shape), str(x.dtype)))
@@ -260,7 +260,7 @@ def _run_many(func: Any, consts: list[np.ndarray], xs: list[np.ndarray],
             y = bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out_shape), out_dtype)))
             out = bb.emit_output(relax.op.reshape(y, out_shape))
         bb.emit_func_output(out)
-    ex = tvm.compile(bb.get(), target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    ex = tvm.compile(bb.get(), target=target, relax_pipeline=schedule.cpu_pipeline(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(x) for x in xs]).numpy()
 
@@ -362,7 +362,7 @@ ARM_CASES = ["1x1", "1x1 odd C/O 7x7 int8", "3x3 s1 p1 7x7 odd C", "3x3 s2 p1 in
 @pytest.mark.qemu
 def test_neon_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     from bnfold import runtime
-    from bnfold.targets import _schedule, get
+    from bnfold.targets import get, schedule
 
     arm64 = get("arm64")
     if not arm64.can_run():
@@ -378,7 +378,7 @@ def test_neon_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
         assert got is not None, name
         func, consts = got
         mod = _module(func, consts, x, ref.shape, args["out_dtype"])
-        ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+        ex = tvm.compile(mod, target=target, relax_pipeline=schedule.cpu_pipeline(target))
         lib = tmp_path / "conv.so"
         ex.export_library(str(lib), fcompile=tvm.support.cc.cross_compiler(arm64.cross_compiler))
         runtime.write_tensors(tmp_path / "in.bnt", [x])
@@ -481,7 +481,7 @@ def _sdot_cases() -> list[tuple[str, dict[str, Any]]]:
 @pytest.mark.qemu
 def test_sdot_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
     from bnfold import runtime
-    from bnfold.targets import _schedule, get
+    from bnfold.targets import get, schedule
 
     arm64 = get("arm64:cortex-a76")  # ARMv8.2-A: the dot product
     if not arm64.can_run():
@@ -498,7 +498,7 @@ def test_sdot_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
         built.append((func, consts, x, refs[-1].shape, args["out_dtype"]))
         names.append(name)
     mod = _multi_module(built)
-    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=schedule.cpu_pipeline(target))
     asm = _assembly(ex)
     # The lane-indexed form: one weight register serves 4 output channels.
     assert "sdot\tv" in asm and ".4b[" in asm
@@ -519,7 +519,7 @@ def test_sdot_conv_is_bit_exact_under_qemu(tmp_path: Path) -> None:
 
 def test_baseline_neon_assembly_has_no_sdot() -> None:
     # Building (not running) for a generic ARMv8.0-A core: sdot would be an illegal instruction.
-    from bnfold.targets import _schedule
+    from bnfold.targets import schedule
 
     target = _arm("generic")
     args = _case(**CASES["3x3 s1 p1"])
@@ -527,6 +527,6 @@ def test_baseline_neon_assembly_has_no_sdot() -> None:
     ref_shape = K.reference_conv2d_int8(x, K.QConv(**args)).shape
     func, consts = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=target)
     mod = _module(func, consts, x, ref_shape, args["out_dtype"])
-    ex = tvm.compile(mod, target=target, relax_pipeline=_schedule.cpu_pipeline(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=schedule.cpu_pipeline(target))
     asm = _assembly(ex)
     assert "smlal" in asm and "sdot" not in asm

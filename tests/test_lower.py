@@ -178,7 +178,7 @@ def test_conv_schedule_applies_to_a_fused_conv() -> None:
     import tvm
     from tvm import relax
 
-    from bnfold.targets._schedule import schedule_conv
+    from bnfold.targets.schedule.conv import Conv
 
     model = onnx.parser.parse_model(_fill(CONV_BN, np.random.default_rng(0)))
     mod = lower.import_relax(model, {"x": (1, 3, 16, 16)})
@@ -190,8 +190,8 @@ def test_conv_schedule_applies_to_a_fused_conv() -> None:
         ])(mod)  # fmt: skip
     funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
     conv = next(f for name, f in funcs.items() if "conv2d" in name)
-    assert schedule_conv(conv, target, False) is not None
-    assert all(schedule_conv(f, target, False) is None
+    assert Conv().apply(conv, target, False) is not None
+    assert all(Conv().apply(f, target, False) is None
                for name, f in funcs.items() if "conv2d" not in name)  # fmt: skip
 
 

@@ -19,7 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold import runtime
 from bnfold.check import run_onnxruntime
 from bnfold.lower import compiler as lower
-from bnfold.targets import _schedule
+from bnfold.targets import schedule
+from bnfold.targets.schedule import rewrites
+from bnfold.targets.schedule._common import vector_lanes
+from bnfold.targets.schedule.conv import Conv
 
 pytest.importorskip("tvm")
 pytest.importorskip("onnxscript")
@@ -156,12 +159,12 @@ def _pool_ops(_rng: np.random.Generator) -> list[Op]:
 
 def _compile_and_compare(
     ops: list[Op], target: str, tmp_path: Path, rng: np.random.Generator
-) -> list[_schedule.Match]:
+) -> list[schedule.Match]:
     model = _model(ops)
     path = tmp_path / "ops.onnx"
     onnx.save(model, path)
     shapes = {f"x{i}": op.shape for i, op in enumerate(ops)}
-    with _schedule.recording() as matches:
+    with schedule.recording() as matches:
         lower.compile_model(path, target, tmp_path / target, shapes, verify=False, fold=False)
     feeds = {f"x{i}": _w(rng, *op.shape) for i, op in enumerate(ops)}
     got = runtime.load(tmp_path / target).run(feeds)
@@ -172,7 +175,7 @@ def _compile_and_compare(
     return list(matches)
 
 
-def _assert_rules(ops: list[Op], matches: list[_schedule.Match]) -> None:
+def _assert_rules(ops: list[Op], matches: list[schedule.Match]) -> None:
     """Every expected ``rule:kind`` was matched as often as the ops that expect it (identical
     PrimFuncs would be shared, so each op here has its own shape)."""
     want = collections.Counter(op.kind for op in ops if op.kind)
@@ -221,10 +224,10 @@ def test_narrow_maps_put_output_channels_on_the_lanes(tmp_path: Path) -> None:
         model.graph.initializer.append(numpy_helper.from_array(np.float32(value), name))
     onnx.checker.check_model(model, full_check=True)
     target = tvm.target.Target(get("x86").tvm_target())
-    lanes = _schedule._vector_lanes(target)
+    lanes = vector_lanes(target)
     path = tmp_path / "narrow.onnx"
     onnx.save(model, path)
-    with _schedule.recording() as matches:
+    with schedule.recording() as matches:
         lower.compile_model(path, "x86", tmp_path / "out", verify=False, fold=False)
     kinds = sorted(m.kind for m in matches if m.rule == "bnfold_conv")
     feeds = {"x": _w(rng, 1, 24, 7, 7), "r": _w(rng, 1, 32, 7, 7), "z": _w(rng, 1, 16, 14, 12)}
@@ -253,11 +256,11 @@ def test_strided_convs_read_a_phase_split_copy() -> None:
     mod = lower.import_relax(_model(ops), {"x0": (1, 24, 12, 10), "x1": (1, 16, 9, 11)})
     target = tvm.target.Target(get("x86").tvm_target())
     with target:
-        mod = tvm.transform.Sequential(_schedule.fused_passes(target))(mod)
+        mod = tvm.transform.Sequential(schedule.fused_passes(target))(mod)
     pads = {}
     for gv, func in mod.functions_items():
         if isinstance(func, tvm.tirx.PrimFunc) and "conv2d" in gv.name_hint:
-            sch, match = _schedule.schedule_function(func, target, gv.name_hint)
+            sch, match = schedule.schedule_function(func, target, gv.name_hint)
             assert match.rule == "bnfold_conv", match
             text = sch.mod["main"].script()
             width = 12 if "T.int64(24)" in text else 13
@@ -310,7 +313,7 @@ def test_transposed_convs_with_kernel_equal_to_stride_become_1x1_convs(
 def test_dead_taps_along_an_axis(axis: tuple[int, ...], live: tuple[int, ...] | None) -> None:
     """(size, outputs, taps, pad, pad at the end, dilation, stride) -> the live taps and the
     padding that keeps the outputs, or None when nothing can be dropped."""
-    assert _schedule._live_taps(*axis) == live
+    assert rewrites._live_taps(*axis) == live
 
 
 @pytest.mark.parametrize(
@@ -325,7 +328,7 @@ def test_dead_taps_along_an_axis(axis: tuple[int, ...], live: tuple[int, ...] | 
 )
 def test_tap_bands_along_an_axis(axis: tuple[int, ...], bands: list[object] | None) -> None:
     """(size, outputs, taps, pad, dilation, stride) -> runs of outputs reading the same taps."""
-    assert _schedule._tap_bands(*axis) == bands
+    assert rewrites._tap_bands(*axis) == bands
 
 
 def test_mostly_padded_convs_run_as_bands(tmp_path: Path) -> None:
@@ -352,7 +355,7 @@ def test_channel_lanes_only_where_they_fit() -> None:
     from bnfold.targets import get
 
     target = tvm.target.Target(get("x86").tvm_target())
-    lanes = _schedule._vector_lanes(target)
+    lanes = vector_lanes(target)
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, 16, 7, 7), "float32"))
 
@@ -367,7 +370,7 @@ def test_channel_lanes_only_where_they_fit() -> None:
             out = bb.emit_output(relax.Tuple([a, b, c]))
         bb.emit_func_output(out)
     with target:
-        mod = _schedule.channels_last_weights(target)(bb.get())
+        mod = rewrites.channels_last_weights(target)(bb.get())
     layouts = [str(call.attrs.kernel_layout) for call in _conv_calls(mod["main"])]
     assert layouts == ["OIHW", "OIHW"]
     packed = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
@@ -418,13 +421,13 @@ def test_rules_decline_what_they_cannot_take() -> None:
             relax.transform.FuseOps(), relax.transform.FuseTIR(),
         ])(mod)  # fmt: skip
     funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
-    kinds = {name: _schedule.schedule_function(f, target, name)[1] for name, f in funcs.items()}
+    kinds = {name: schedule.schedule_function(f, target, name)[1] for name, f in funcs.items()}
     assert {m.rule for m in kinds.values()} >= {"bnfold_conv", "bnfold_matmul"}
     for name, m in kinds.items():
         if "pool" in name:
             assert m.rule == "bnfold_generic"  # float pools: no specific rule
         if "conv2d" not in name:
-            assert _schedule.schedule_conv(funcs[name], target, False) is None
+            assert Conv().apply(funcs[name], target, False) is None
 
 
 @pytest.mark.qemu

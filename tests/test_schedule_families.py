@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from bnfold import runtime
 from bnfold.check import run_onnxruntime
 from bnfold.lower import compiler as lower
-from bnfold.targets import _schedule
+from bnfold.targets import schedule
 
 pytest.importorskip("tvm")
 pytest.importorskip("onnxscript")
@@ -120,13 +120,13 @@ def _leftovers() -> onnx.ModelProto:
 
 def _compile_and_compare(
     model: onnx.ModelProto, target: str, tmp_path: Path
-) -> list[_schedule.Match]:
+) -> list[schedule.Match]:
     """Compile ``model`` for ``target``, run it on random inputs, compare with onnxruntime;
     returns what the rules did with each function."""
     onnx.checker.check_model(model, full_check=True)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    with _schedule.recording() as matches:
+    with schedule.recording() as matches:
         lower.compile_model(path, target, tmp_path / target, verify=False, fold=False)
     rng = np.random.default_rng(1)
     feeds = {
@@ -142,7 +142,7 @@ def _compile_and_compare(
     return list(matches)
 
 
-def _kinds(matches: list[_schedule.Match]) -> collections.Counter[str]:
+def _kinds(matches: list[schedule.Match]) -> collections.Counter[str]:
     return collections.Counter(f"{m.rule}:{m.kind}" if m.rule else "unscheduled" for m in matches)
 
 
@@ -199,7 +199,7 @@ def test_generic_rule_declines_with_its_reason() -> None:
     y = te.compute((n,), lambda i: te.sum(x[i, k], axis=k), name="y")
     func = te.create_prim_func([x, y])
     target = tvm.target.Target(get("x86").tvm_target())
-    sch, match = _schedule.schedule_function(func, target, "sym")
+    sch, match = schedule.schedule_function(func, target, "sym")
     assert sch is None and match.rule is None
     assert match.kind == "bnfold_generic: symbolic loop extents"
 

@@ -112,7 +112,7 @@ def test_cli_start_does_not_import_tvm_or_onnx() -> None:
      (3, 16, 3), (17, 16, 17), (37, 16, 1)],
 )  # fmt: skip
 def test_conv_row_tile_divides_the_row(width: int, lanes: int, tile: int) -> None:
-    from bnfold.targets._schedule import _row_tile
+    from bnfold.targets.schedule._common import row_tile
 
-    assert _row_tile(width, lanes) == tile
+    assert row_tile(width, lanes) == tile
     assert width % tile == 0

@@ -46,8 +46,9 @@ from bnfold.lower import int8 as lower_int8
 from bnfold.outputs import remove_tree
 from bnfold.passes.drop_implied_activations import DropImpliedActivations
 from bnfold.steps import Observer, Steps
-from bnfold.targets import Target, _schedule, host_arch
-from bnfold.targets._schedule import cpu_pipeline
+from bnfold.targets import Target, host_arch
+from bnfold.targets import schedule as cpu_schedule
+from bnfold.targets.schedule import cpu_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ def tvm_target(target: Target) -> Any:
 def build(mod: Any, target: Target, schedule: bool = True, database: str | None = None) -> Any:
     """``tvm.compile`` for ``target``; returns a ``tvm.relax.VMExecutable``.
 
-    CPU targets get bnfold's tuning-free schedules (:mod:`bnfold.targets._schedule`) unless
+    CPU targets get bnfold's tuning-free schedules (:mod:`bnfold.targets.schedule`) unless
     ``schedule`` is False, and the tuned schedules of a MetaSchedule ``database`` folder
     (``bnfold tune``) where it has them; CUDA gets TVM's default pipeline (dlight's GPU rules).
     """
@@ -435,7 +436,7 @@ def compile_model(
         if plan.integer:
             mod, records = lower_int8.rewrite(mod, tvm_target(tgt))
             plan.info = lower_int8.summarize(records, dropped)
-    with steps("build"), _schedule.recording() as matches:
+    with steps("build"), cpu_schedule.recording() as matches:
         executable = build(mod, tgt, schedule, None if database is None else str(database))
     with steps("export"):
         exported = tgt.export(executable, out)
@@ -461,7 +462,7 @@ def compile_model(
         compile={
             "seconds": steps.total(),
             "schedules": "bnfold cpu" if schedule and tgt.device == "cpu" else "tvm default",
-            "schedule_rules": _schedule.summarize(matches),
+            "schedule_rules": cpu_schedule.summarize(matches),
             "tuning_database": None if database is None else str(database),
             "steps": steps.seconds,
             "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -2,7 +2,7 @@
 
 ``tune_model`` folds, freezes and imports the model exactly as
 :func:`bnfold.lower.compiler.compile_model` does, runs the CPU pipeline up to operator fusion
-(:func:`bnfold.targets._schedule.fused_passes`) and tunes some of the fused PrimFuncs it leaves with
+(:func:`bnfold.targets.schedule.fused_passes`) and tunes some of the fused PrimFuncs it leaves with
 MetaSchedule, recording into a database folder. A short tune's records are often slower than
 bnfold's rule schedules (MobileNetV2, 100 trials over all 33 functions: 11.3 ms with bnfold's rules,
 38.3 ms with every record applied), so a record is used only where it is measured to be faster:
@@ -38,10 +38,9 @@ default is the device's own default pool, what an artifact compiled without ``--
 there. The choice file records where its times were measured (``measured_on``).
 
 ``compile --db DIR`` applies only the chosen records (an in-memory database of them:
-:func:`bnfold.targets._tuning_db.chosen_database`); every other function keeps bnfold's rules. A
-folder without a choice file (not made by ``bnfold tune``) has all its records applied, with a
-warning;
-``bnfold tune MODEL --trials 0 --db DIR`` makes the choice for an existing folder.
+:func:`bnfold.targets.schedule.tuning_db.chosen_database`); every other function keeps bnfold's
+rules. A folder without a choice file (not made by ``bnfold tune``) has all its records applied,
+with a warning; ``bnfold tune MODEL --trials 0 --db DIR`` makes the choice for an existing folder.
 
 MetaSchedule needs ``psutil``, ``cloudpickle`` and ``xgboost-cpu`` (not declared by apache-tvm);
 its default builder imports ``tvm.s_tir.tensor_intrin`` in every worker (slower than its 30 s
@@ -74,8 +73,8 @@ from bnfold.rpc import connect, parse_addr, tracker_servers
 from bnfold.runtime import set_threads
 from bnfold.steps import Observer, Steps
 from bnfold.targets import Target
-from bnfold.targets._schedule import fused_passes, schedule_function
-from bnfold.targets._tuning_db import CHOICE_FILE, CHOICE_FORMAT, read_choice, record_key
+from bnfold.targets.schedule import fused_passes, schedule_function
+from bnfold.targets.schedule.tuning_db import CHOICE_FILE, CHOICE_FORMAT, read_choice, record_key
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The tuning database that ``bnfold compile --db DIR`` applies: only the records ``bnfold tune``
 chose (``DIR/bnfold_choice.json``), each where it measured faster than bnfold's own schedule.
 
-It lives in ``targets/`` beside the schedule rules it competes with, so that the CPU pipeline
-(:func:`bnfold.targets._schedule.cpu_pipeline`) reads a database without importing the tuner
-(:mod:`bnfold.lower.tune` writes the choice, this module reads it). tvm is imported lazily.
+It lives in ``targets/schedule/`` beside the schedule rules it competes with, so that the CPU
+pipeline (:func:`bnfold.targets.schedule.cpu_pipeline`) reads a database without importing the
+tuner (:mod:`bnfold.lower.tune` writes the choice, this module reads it). tvm is imported
+lazily.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fallback CPU rule: whatever no specific rule takes still runs parallel and vectorized.
 
-A fused PrimFunc that no rule in :mod:`bnfold.targets._schedule` takes would keep TVM's default
+A fused PrimFunc that no rule in :mod:`bnfold.targets.schedule` takes would keep TVM's default
 loops: one thread, scalar, 20-40x slower than a scheduled loop nest (float pools, global
 average pools, Resize, softmax, ...). This rule works block by block on the function's root
 blocks, in order:
@@ -8,7 +8,7 @@ blocks, in order:
 - a spatial block feeding only spatial blocks is inlined into its consumers;
 - a spatial block that stays (the output, or a padded copy read by a reduction): its
   innermost loop vectorized (a divisor-sized piece), the others fused and run in parallel
-  (:func:`~bnfold.targets._schedule._parallel_vectorize`);
+  (:func:`~bnfold.targets.schedule._common.parallel_vectorize`);
 - a reduction block whose loops are its spatial iterators then its reduction ones (TVM's
   order), either
   * *spatial lanes*: the output's last index is the innermost spatial iterator and the reads
@@ -38,64 +38,71 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bnfold.targets._schedule import (
-    _MIN_TASK,
-    _blocks,
-    _extent,
-    _is_reduction,
-    _parallel_vectorize,
-    _row_tile,
-    _vector_lanes,
+from bnfold.targets.schedule._common import (
+    MIN_TASK,
+    Declined,
+    Found,
+    Rule,
+    blocks,
+    extent,
+    is_reduction,
+    parallel_vectorize,
+    row_tile,
+    vector_lanes,
 )
 
 logger = logging.getLogger(__name__)
 
 
-class Declined(str):
-    """Why a rule did not take a function (the rule returns it instead of a schedule)."""
+class Generic(Rule):
+    """The fallback: every root block inlined, or parallel and vectorized where legal."""
 
+    name = "bnfold_generic"
 
-def _generic(func: Any, target: Any) -> tuple[Any, str] | Declined:
-    """The fallback rule: a schedule and its kind (``generic``), or the reason it declined."""
-    from tvm import s_tir
+    def decide(self, sch: Any) -> list[Any] | Declined:
+        """The function's blocks, or why the rule cannot take it (no blocks, symbolic loop
+        extents)."""
+        found = blocks(sch)
+        if not found:
+            return Declined("no blocks")
+        for b in found:
+            if any(extent(sch, lp) is None for lp in sch.get_loops(b)):
+                return Declined("symbolic loop extents")
+        return found
 
-    sch = s_tir.Schedule(func)
-    blocks = _blocks(sch)
-    if not blocks:
-        return Declined("no blocks")
-    for b in blocks:
-        if any(_extent(sch, lp) is None for lp in sch.get_loops(b)):
-            return Declined("symbolic loop extents")
-    lanes = _vector_lanes(target)
-    names = [sch.get(b).name_hint for b in blocks]
-    done = 0
-    for i, name in enumerate(names):
-        last = i == len(names) - 1
-        trial = sch.copy()
-        try:
-            if _step(trial, trial.get_sblock(name), last, lanes):
-                sch = trial
-                done += 1
-        except Exception as e:  # a primitive refused: this block keeps what it had
-            logger.debug("generic rule, block %s: %s", name, str(e).splitlines()[0] if e else e)
-    if not done:
-        return Declined("no block could be parallelized or vectorized")
-    return sch, "generic"
+    def rewrite(self, sch: Any, plan: list[Any], target: Any) -> Found:
+        """Each block in turn on a copy of the schedule, kept if its step worked: the schedule
+        and its kind (``generic``), or the reason it declined."""
+        lanes = vector_lanes(target)
+        names = [sch.get(b).name_hint for b in plan]
+        done = 0
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            trial = sch.copy()
+            try:
+                if _step(trial, trial.get_sblock(name), last, lanes):
+                    sch = trial
+                    done += 1
+            except Exception as e:  # a primitive refused: this block keeps what it had
+                logger.debug("generic rule, block %s: %s", name, str(e).splitlines()[0] if e else e)
+        if not done:
+            return Declined("no block could be parallelized or vectorized")
+        return sch, "generic"
 
 
 def _step(sch: Any, block: Any, last: bool, lanes: int) -> bool:
     """Schedule one root block (see the module docstring); False if nothing was done."""
-    if _is_reduction(sch, block):
+    if is_reduction(sch, block):
         return _reduction(sch, block, lanes)
     if not last and not _feeds_reduction(sch, block):
         sch.compute_inline(block)
         return True
-    _parallel_vectorize(sch, block, lanes)
+    parallel_vectorize(sch, block, lanes)
     return True
 
 
 def _feeds_reduction(sch: Any, block: Any) -> bool:
-    return any(_is_reduction(sch, c) for c in sch.get_consumers(block))
+    return any(is_reduction(sch, c) for c in sch.get_consumers(block))
 
 
 def _reduction(sch: Any, block: Any, lanes: int) -> bool:
@@ -108,13 +115,13 @@ def _reduction(sch: Any, block: Any, lanes: int) -> bool:
     if len(loops) != len(kinds) or any(not k for k in kinds[n_spatial:]):
         return False
     spatial, reduction = loops[:n_spatial], loops[n_spatial:]
-    extents = [_extent(sch, lp) or 1 for lp in loops]
+    extents = [extent(sch, lp) or 1 for lp in loops]
     work = 1
     for e in extents:
         work *= e
     write = stmt.writes[0].region
     inner_var = stmt.iter_vars[n_spatial - 1].var if n_spatial else None
-    vec = _row_tile(extents[n_spatial - 1], lanes) if n_spatial else 1
+    vec = row_tile(extents[n_spatial - 1], lanes) if n_spatial else 1
     windowed = _windowed(stmt, n_spatial)
     if inner_var is not None and write[-1].min.same_as(inner_var) and vec >= 4 and not windowed:
         # Spatial lanes: each lane one output, accumulated in the original order.
@@ -136,14 +143,14 @@ def _reduction(sch: Any, block: Any, lanes: int) -> bool:
         # The factored block: spatial..., ri (now spatial) with the reduction outside it.
         rf_loops = sch.get_loops(rf)
         ro_rf, ri_rf = rf_loops[-2], rf_loops[-1]
-        if _extent(sch, ri_rf) == lanes:
+        if extent(sch, ri_rf) == lanes:
             sch.vectorize(ri_rf)
         _parallel(sch, rf_loops[: len(rf_loops) - 2], work)
         sch.decompose_reduction(rf, ro_rf)
         if spatial and n_spatial:
             # The final block sums ``lanes`` partials per output: parallel over outputs.
             loops_final = sch.get_loops(block)[:n_spatial]
-            if work // red_ext >= 2 * _MIN_TASK:
+            if work // red_ext >= 2 * MIN_TASK:
                 fused_final = sch.fuse(*loops_final) if len(loops_final) > 1 else loops_final[0]
                 sch.parallel(fused_final)
         return True
@@ -159,7 +166,7 @@ def _windowed(stmt: Any, n_spatial: int) -> bool:
     """Whether the block reads a sliding window (an index mixing a spatial and a reduction
     iterator: pooling). Measured, 1 thread: vectorized window lanes were slower than TVM's
     scalar loops for float pools (3x3/2 max pool 64 x 112 x 112: 6.4 vs 1.1 ms; 3x3/1 average
-    pool 192 x 35 x 35: 1.95 vs 1.37), as :func:`bnfold.targets._schedule._pool` found for
+    pool 192 x 35 x 35: 1.95 vs 1.37), as :mod:`bnfold.targets.schedule.pool` found for
     other variants: those keep their loop order and only run in parallel."""
     from tvm.tirx.analysis import undefined_vars
 
@@ -195,5 +202,5 @@ def _contiguous_reads(stmt: Any, n_spatial: int) -> bool:
 
 def _parallel(sch: Any, loops: list[Any], work: int) -> None:
     """Fuse ``loops`` (outermost first) and run them in parallel if there is enough work."""
-    if loops and work >= 2 * _MIN_TASK:
+    if loops and work >= 2 * MIN_TASK:
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])

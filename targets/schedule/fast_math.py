@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bnfold.targets.schedule.rewrites import call_rewrite
+
 
 def _fast_sigmoid(x: Any) -> Any:
     from tvm import te, topi
@@ -52,8 +54,6 @@ def fast_sigmoid() -> Any:
     ``call_tir`` of ``1 / (1 + fast_exp(-x))``), every float32 ``relax.erf`` ``fast_erf``."""
     import tvm
 
-    from bnfold.targets._schedule import _call_rewrite
-
     def wanted(call: Any) -> bool:
         return (
             isinstance(call.op, tvm.ir.Op)
@@ -65,4 +65,4 @@ def fast_sigmoid() -> Any:
         compute, name = _FAST[call.op.name]
         return bb.call_te(compute, call.args[0], primfunc_name_hint=name)
 
-    return _call_rewrite("bnfold.FastMath", wanted, rewrite)
+    return call_rewrite("bnfold.FastMath", wanted, rewrite)
