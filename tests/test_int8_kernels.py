@@ -337,13 +337,12 @@ def test_add_matches_the_float_reference(name: str) -> None:
     rng = np.random.default_rng(list(ADD_CASES).index(name))
     a = rng.integers(*K.DTYPES[da], shape, endpoint=True).astype(da)
     b = rng.integers(*K.DTYPES[db], shape, endpoint=True).astype(db)
-    args = (0.0344, int(rng.integers(*K.DTYPES[da])), 0.0107, int(rng.integers(*K.DTYPES[db])),
-            0.0229, int(rng.integers(*K.DTYPES[dy])))  # fmt: skip
-    ref = K.reference_add_int8(a, args[0], args[1], b, args[2], args[3], args[4], args[5], dy,
-                               clamp)  # fmt: skip
+    q = K.QAdd(da, 0.0344, int(rng.integers(*K.DTYPES[da])), db, 0.0107,
+               int(rng.integers(*K.DTYPES[db])), 0.0229, int(rng.integers(*K.DTYPES[dy])), dy,
+               clamp)  # fmt: skip
+    ref = K.reference_add_int8(a, b, q)
     target = tvm.target.Target(X86)
-    func = K.add_int8(shape, da, args[0], args[1], db, args[2], args[3], args[4], args[5], dy,
-                      clamp, target)  # fmt: skip
+    func = K.add_int8(shape, q, target)
     got = _run_many(func, [], [a, b], shape, dy, target)
     diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
     # Equal but where an FMA moved a value across a rounding tie (1 LSB, rare).

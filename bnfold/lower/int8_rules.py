@@ -449,10 +449,12 @@ class QuantizedAdd:
         if isinstance(clamp, str):
             return decline("add", clamp)
         (a, s_a, z_a), (b, s_b, z_b) = q
-        kernel = _try_kernel("add", site.name, lambda: int8_kernels.add_int8(
-            shape, str(a.ty.dtype), s_a, z_a, str(b.ty.dtype), s_b, z_b,
-            site.s_y, site.z_y, site.out_dtype, (int(clamp[0][0]), int(clamp[1][0])), ctx.target,
-        ))  # fmt: skip
+        spec = int8_kernels.QAdd(
+            str(a.ty.dtype), s_a, z_a, str(b.ty.dtype), s_b, z_b,
+            site.s_y, site.z_y, site.out_dtype, (int(clamp[0][0]), int(clamp[1][0])),
+        )  # fmt: skip
+        kernel = _try_kernel("add", site.name,
+                             lambda: int8_kernels.add_int8(shape, spec, ctx.target))  # fmt: skip
         if kernel is None:
             return decline("add", "the target has no 8-bit add kernel for these types")
         return AddMatch(a, b, kernel)

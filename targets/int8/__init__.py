@@ -39,13 +39,14 @@ from bnfold.targets.int8.reference import (
     reference_max_pool2d_int8,
 )
 from bnfold.targets.int8.skeleton import Isa, Kernel
-from bnfold.targets.int8.spec import DTYPES, QConv, Tile, geometry
+from bnfold.targets.int8.spec import DTYPES, QAdd, QConv, Tile, geometry
 
 __all__ = [
     "DISPATCH",
     "DTYPES",
     "ISAS",
     "Isa",
+    "QAdd",
     "QConv",
     "Tile",
     "add_int8",

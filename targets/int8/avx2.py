@@ -154,23 +154,10 @@ def _taps_fn(T: Any, sw: int) -> Any:
 # Epilogue (also the AVX-512 VNNI kernels')
 
 
-def requant_vec(
-    T: Any,
-    acc: Any,
-    lo: Any,
-    hi: Any,
-    m: Any,
-    s1: Any,
-    s2: Any,
-    zp: int,
-    qmin: int,
-    qmax: int,
-    big: bool = False,
-    lanes: int = LANES,
-) -> Any:
-    """int32 x ``lanes`` output values of int32 x ``lanes`` accumulators (bias included) for
-    one channel, exactly as :mod:`bnfold.targets.int8.spec` says: clamp, int64 multiply +
-    round, the two shifts, clip.
+def requant_vec(T: Any, acc: Any, ep_: Any, o: Any, q: QConv, lanes: int = LANES) -> Any:
+    """int32 x ``lanes`` output values of int32 x ``lanes`` accumulators (bias included) of
+    channel ``o`` (its epilogue constants: row ``o`` of ``ep_``), exactly as
+    :mod:`bnfold.targets.int8.spec` says: clamp, int64 multiply + round, the two shifts, clip.
 
     Written on the even and odd int32 lanes as 4 x int64 each (``vpmuldq`` multiplies the
     sign-extended low halves of int64 lanes), so that no lane is moved before the end: the even
@@ -180,6 +167,8 @@ def requant_vec(
     ``big``: every channel shifts by >= 32 (the usual case: scales below 1). Then
     ``|acc * m| / 2**shift < 2**30`` for any int32 accumulator, so the clamp is not needed,
     ``s1`` is 32 and the odd lanes need no shift at all."""
+    lo, hi, m, s1, s2 = ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5]
+    zp, (qmin, qmax), big = q.out_zero_point, q.clamp, bool(np.all(q.shift >= 32))
     if big:
         s1 = 32
     a = acc if big else T.max(T.min(acc, T.broadcast(hi, lanes)), T.broadcast(lo, lanes))
@@ -206,13 +195,10 @@ def requant_vec(
 
 
 def x86_requant(T: Any, q: QConv, lanes: int = LANES) -> Any:
-    """``requant(acc, ep_, o)`` for :func:`skeleton.tile_macros`: :func:`requant_vec` of
-    channel o (``big`` when every channel of ``q`` shifts by 32 or more)."""
-    zp, (qmin, qmax), big = q.out_zero_point, q.clamp, bool(np.all(q.shift >= 32))
+    """``requant(acc, ep_, o)`` for :func:`skeleton.tile_macros`: :func:`requant_vec`."""
 
     def requant(acc: Any, ep_: Any, o: Any) -> Any:
-        return requant_vec(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                           zp, qmin, qmax, big, lanes)  # fmt: skip
+        return requant_vec(T, acc, ep_, o, q, lanes)
 
     return requant
 
@@ -328,7 +314,7 @@ def _dense_pairs(geo: Geometry, x_dtype: str, q: QConv, tile: Tile) -> Kernel:
     OB = -(-O // OBN)
     loop = TileLoop(geo, tile, LANES, OB, CP, KH, KW, q.out_dtype)
     # Repacked activation: rows needed by the output, columns by the padded output width.
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = geo.hp
     WQ = loop.nx * tile.xv * LANES + ((KW - 1) * DW) // SW
     XSIZE = N * CP * HP * SW * WQ
 
@@ -376,7 +362,7 @@ def _dense_taps(geo: Geometry, x_dtype: str, q: QConv, tile: Tile | None) -> Ker
     OBN = tile.obn
     OB = -(-O // OBN)
     loop = TileLoop(geo, tile, LANES, OB, C, KH, KP, q.out_dtype)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = geo.hp
     RB = -(-(SW * loop.nx * tile.xv * LANES + 2 * KP + 2 * LANES) // LANES) * LANES
     XB = N * C * HP * RB
 
@@ -425,7 +411,7 @@ def depthwise(geo: Geometry, x_dtype: str, q: QConv, tile: Tile | None) -> Kerne
         tile = Tile(1, min(8 if SH == 1 else 4, OH), 1)
     tile = Tile(1, tile.yt, tile.xv)
     loop = TileLoop(geo, tile, LANES, C, 0, KH, KP, q.out_dtype)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = geo.hp
 
     wpad = np.zeros((C, KH, 2 * KP), dtype=np.int8)
     wpad[:, :, :KW] = q.weight[:, 0]

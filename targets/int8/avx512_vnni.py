@@ -185,7 +185,7 @@ def _quads(geo: Geometry, x_dtype: str, q: QConv, obn: int, tx: int, vl: int) ->
         C, KW, SW, DW, PL = C * KW, 1, 1, 1, 0
     CQ = (C + 3) // 4
     OB = -(-O // obn)
-    HP = (geo.oh - 1) * geo.sh + (geo.kh - 1) * geo.dh + 1
+    HP = geo.hp
     WQ = -(-geo.ow // tx) * tx + ((KW - 1) * DW) // SW
     # Padded input rows as bytes (strided repack), long enough for the last SW*VL-byte load.
     RWD = -(-(SW * WQ + SW * vl) // vl) * vl

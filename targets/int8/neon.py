@@ -75,11 +75,12 @@ def to_i8(T: Any, v: Any, shifted: bool) -> Any:
     return v
 
 
-def requant_vec4(
-    T: Any, acc: Any, lo: Any, hi: Any, m: Any, s1: Any, s2: Any, zp: int, qmin: int, qmax: int
-) -> Any:
-    """The requantize of :mod:`bnfold.targets.int8.spec` for 4 lanes in portable vector
-    arithmetic (LLVM's NEON lowering)."""
+def requant_vec4(T: Any, acc: Any, ep_: Any, o: Any, q: QConv) -> Any:
+    """The requantize of :mod:`bnfold.targets.int8.spec` of 4 accumulators of channel ``o``
+    (its constants: row ``o`` of ``ep_``) in portable vector arithmetic (LLVM's NEON
+    lowering)."""
+    lo, hi, m, s1, s2 = ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5]
+    zp, (qmin, qmax) = q.out_zero_point, q.clamp
     n = NEON_LANES
     a = T.max(T.min(acc, T.broadcast(hi, n)), T.broadcast(lo, n))
     rnd = T.shift_left(T.int64(1), T.cast(s1 + s2 - 1, "int64"))
@@ -91,11 +92,9 @@ def requant_vec4(
 
 def neon_requant(T: Any, q: QConv) -> Any:
     """``requant(acc, ep_, o)`` for :func:`skeleton.tile_macros`: :func:`requant_vec4`."""
-    zp, (qmin, qmax) = q.out_zero_point, q.clamp
 
     def requant(acc: Any, ep_: Any, o: Any) -> Any:
-        return requant_vec4(T, acc, ep_[o, 1], ep_[o, 2], ep_[o, 3], ep_[o, 4], ep_[o, 5],
-                            zp, qmin, qmax)  # fmt: skip
+        return requant_vec4(T, acc, ep_, o, q)
 
     return requant
 
@@ -138,7 +137,7 @@ def _dense_planes(geo: Geometry, x_dtype: str, q: QConv, tile: Tile | None) -> K
     CQ = (C + 3) // 4
     OB = -(-O // OBN)
     loop = TileLoop(geo, tile, L, OB, CQ, KH, KW, q.out_dtype)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = geo.hp
     WQ = loop.nx * tile.xv * L + ((KW - 1) * DW) // SW
     wn = _pack_planes(q.weight, OB, OBN)
     bias = shifted_bias(q, 128 if x_dtype == "uint8" else 0)
@@ -245,7 +244,7 @@ def depthwise(geo: Geometry, x_dtype: str, q: QConv, tile: Tile | None) -> Kerne
     L = NEON_LANES
     tile = Tile(1, min(4, OH), min(2, -(-OW // L)))
     loop = TileLoop(geo, tile, L, C, 0, KH, KW, q.out_dtype)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = geo.hp
     RB = -(-(SW * loop.nx * tile.xv * L + (KW - 1) * DW + 2 * LANES) // LANES) * LANES
     NR = N * C * HP
     ZP = q.x_zero_point

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.targets.int8 import avx2, avx512_vnni, skeleton
-from bnfold.targets.int8.spec import DTYPES
+from bnfold.targets.int8.spec import DTYPES, QAdd
 
 # --------------------------------------------------------------------------------------------
 # Max pool
@@ -267,17 +267,10 @@ def dense_int8_float(
 ADD_LANES = 16  # float32 lanes of a zmm register (two ymm halves on AVX2)
 
 
-def add_int8(
-    shape: tuple[int, ...],
-    a_dtype: str, a_scale: float, a_zero_point: int,
-    b_dtype: str, b_scale: float, b_zero_point: int,
-    y_scale: float, y_zero_point: int, out_dtype: str, clamp: tuple[int, int],
-    target: Any,
-) -> Any | None:  # fmt: skip
+def add_int8(shape: tuple[int, ...], q: QAdd, target: Any) -> Any | None:
     """A scheduled PrimFunc ``(a, b, out)`` for
     :func:`~bnfold.targets.int8.reference.reference_add_int8` on two 8-bit tensors of the same
-    ``shape`` (no broadcasting), or None where there is none (not x86 with AVX2). ``clamp``
-    takes a following ReLU (``lo = max(lo, z_y)``).
+    ``shape`` (no broadcasting), or None where there is none (not x86 with AVX2).
 
     The same float32 arithmetic as onnxruntime's ``DequantizeLinear -> Add -> QuantizeLinear``
     (the division by ``s_y`` kept: a reciprocal multiply would move more values across a
@@ -292,6 +285,7 @@ def add_int8(
     """
     from tvm.script import tirx as T
 
+    a_dtype, b_dtype, out_dtype = q.a_dtype, q.b_dtype, q.out_dtype
     if a_dtype not in DTYPES or b_dtype not in DTYPES or out_dtype not in DTYPES:
         return None
     if not avx2.supports(target):
@@ -300,9 +294,9 @@ def add_int8(
     VL = min(ADD_LANES, TOTAL)
     NV = -(-TOTAL // VL)
     CH = skeleton.chunks(max(1, NV // 64))  # chunks of >= 64 vectors: the task overhead stays small
-    ZA, ZB, ZY = int(a_zero_point), int(b_zero_point), int(y_zero_point)
-    SA, SB, SY = (float(np.float32(v)) for v in (a_scale, b_scale, y_scale))
-    LO, HI = float(clamp[0]), float(clamp[1])
+    ZA, ZB, ZY = int(q.a_zero_point), int(q.b_zero_point), int(q.y_zero_point)
+    SA, SB, SY = (float(np.float32(v)) for v in (q.a_scale, q.b_scale, q.y_scale))
+    LO, HI = float(q.clamp[0]), float(q.clamp[1])
     fv = f"float32x{VL}"
 
     def dq(buf: Any, at: Any, zp: int, s: float) -> Any:

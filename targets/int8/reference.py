@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnfold.targets.int8.spec import INT32_MAX, INT32_MIN, QConv
+from bnfold.targets.int8.spec import INT32_MAX, INT32_MIN, QAdd, QConv
 
 
 def reference_conv2d_int8(x: np.ndarray, q: QConv) -> np.ndarray:
@@ -82,16 +82,12 @@ def reference_dense_int8_float(
     return (y + bias.astype(np.float32).reshape(1, -1)).astype(np.float32)
 
 
-def reference_add_int8(
-    a: np.ndarray, a_scale: float, a_zero_point: int,
-    b: np.ndarray, b_scale: float, b_zero_point: int,
-    y_scale: float, y_zero_point: int, out_dtype: str, clamp: tuple[int, int],
-) -> np.ndarray:  # fmt: skip
+def reference_add_int8(a: np.ndarray, b: np.ndarray, q: QAdd) -> np.ndarray:
     """numpy, float32 as onnxruntime computes ``Q(DQ(a) + DQ(b))`` on a QDQ model:
     ``clip(round_half_even((float(a - z_a) * s_a + float(b - z_b) * s_b) / s_y) + z_y, lo, hi)``
     (each operation rounded to float32)."""
     f32 = np.float32
-    da = (a.astype(np.int32) - int(a_zero_point)).astype(f32) * f32(a_scale)
-    db = (b.astype(np.int32) - int(b_zero_point)).astype(f32) * f32(b_scale)
-    v = np.rint((da + db) / f32(y_scale)) + f32(y_zero_point)
-    return np.clip(v, clamp[0], clamp[1]).astype(out_dtype)
+    da = (a.astype(np.int32) - int(q.a_zero_point)).astype(f32) * f32(q.a_scale)
+    db = (b.astype(np.int32) - int(q.b_zero_point)).astype(f32) * f32(q.b_scale)
+    v = np.rint((da + db) / f32(q.y_scale)) + f32(q.y_zero_point)
+    return np.clip(v, q.clamp[0], q.clamp[1]).astype(q.out_dtype)

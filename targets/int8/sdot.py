@@ -111,7 +111,7 @@ def dense(geo: Geometry, x_dtype: str, q: QConv, tile: Tile | None) -> Kernel:
     CQ = (C + 3) // 4
     OB = -(-O // OBN)
     loop = TileLoop(geo, tile, L, OB, CQ, KH, KW, q.out_dtype)
-    HP = (OH - 1) * SH + (KH - 1) * DH + 1
+    HP = geo.hp
     # Words per phase row: the padded output width plus the kernel row's reach, rounded up to
     # whole 16-word stores of the repack.
     WQ = -(-(loop.nx * tile.xv * L + ((KW - 1) * DW) // SW) // V) * V

@@ -65,6 +65,24 @@ class QConv:
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
 
 
+@dataclasses.dataclass(frozen=True)
+class QAdd:
+    """The add of two quantized tensors of one shape, ``Q(DQ(a) + DQ(b))`` (a residual
+    connection): each input's type, scale and zero point, the output's scale, zero point and
+    type, and the ``clamp`` of the output (a following ReLU: ``lo = max(lo, z_y)``)."""
+
+    a_dtype: str
+    a_scale: float
+    a_zero_point: int
+    b_dtype: str
+    b_scale: float
+    b_zero_point: int
+    y_scale: float
+    y_zero_point: int
+    out_dtype: str
+    clamp: tuple[int, int]
+
+
 # --------------------------------------------------------------------------------------------
 # Geometry
 
@@ -92,6 +110,11 @@ class Geometry:
     x_shape: tuple[int, int, int, int]
     out_shape: tuple[int, int, int, int]
     depthwise: bool = False  # groups == C == O (else groups == 1)
+
+    @property
+    def hp(self) -> int:
+        """Padded input rows the output reads (per image and channel)."""
+        return (self.oh - 1) * self.sh + (self.kh - 1) * self.dh + 1
 
 
 @dataclasses.dataclass(frozen=True)
