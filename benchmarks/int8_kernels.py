@@ -1,4 +1,4 @@
-"""Per-layer latency of bnfold's int8 conv kernels (:mod:`bnfold.targets._int8`) vs fp32.
+"""Per-layer latency of bnfold's int8 conv kernels (:mod:`bnfold.targets.int8`) vs fp32.
 
 For real MobileNetV2 and ResNet-18 layer shapes (batch 1): the int8 kernels (conv +
 requantize, uint8 in and out) against the fp32 conv + bias + relu of the same shape compiled
@@ -93,22 +93,22 @@ def _vm_runner(mod: Any, target: Any, inputs: list[np.ndarray]) -> Any:
 def int8_runner(layer: tuple, target: Any, rng: np.random.Generator,
                 isa: str | None = None) -> Any | None:  # fmt: skip
     """The int8 kernel of one layer in a Relax module (call_tir), or None if it declines.
-    ``isa``: the x86 dense kernel (see :func:`bnfold.targets._int8.conv2d_int8`)."""
+    ``isa``: the instruction set (see :func:`bnfold.targets.int8.conv2d_int8`)."""
     from tvm import relax
 
-    from bnfold.targets import _int8
+    from bnfold.targets import int8 as int8_kernels
 
     _, c, o, h, w, k, s, p, g = layer
     x = rng.integers(0, 256, (1, c, h, w)).astype(np.uint8)
     wt = rng.integers(-127, 128, (o, c // g, k, k)).astype(np.int8)
     zp = 0
     bias = rng.integers(-(2**12), 2**12, o).astype(np.int32)
-    spec = _int8.QConv(
+    spec = int8_kernels.QConv(
         zp, wt, bias, (s, s), (p, p, p, p), (1, 1), g,
         rng.integers(2**30, 2**31, o).astype(np.int32), np.full(o, 40, np.int32),
         0, "uint8", (0, 255),
     )  # fmt: skip
-    got = _int8.conv2d_int8(x.shape, "uint8", spec, target, isa=isa)
+    got = int8_kernels.conv2d_int8(x.shape, "uint8", spec, target, isa=isa)
     if got is None:
         return None
     func, consts = got
@@ -176,11 +176,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     from bnfold import runtime
-    from bnfold.targets import _int8
+    from bnfold.targets.int8 import avx512_vnni
 
     runtime.set_threads(args.threads)
     target = _target()
-    vnni = _int8.supports_vnni(target)
+    vnni = avx512_vnni.supports(target)
     print(f"target {target}  threads {args.threads}  vnni {vnni}  "
           f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"{'layer':24s} {'MMAC':>7s} {'vnni ms':>8s} {'avx2 ms':>8s} {'fp32 ms':>8s} "

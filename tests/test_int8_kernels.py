@@ -1,4 +1,4 @@
-"""The int8 conv kernels of :mod:`bnfold.targets._int8` and :mod:`bnfold.targets._int8_neon`:
+"""The int8 conv kernels of :mod:`bnfold.targets.int8` (AVX2, AVX-512 VNNI, NEON, sdot):
 built into a Relax module the way ``bnfold.lower.int8`` calls them (``relax.call_tir`` with the
 constants as ``relax.const``), run on x86 (AVX2, AVX-512 VNNI where this CPU has it) and, under
 qemu, on aarch64 (baseline NEON, and ``sdot`` for a CPU with the dot product), and compared
@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bnfold.targets import _int8 as K
+from bnfold.targets import int8 as K
+from bnfold.targets.int8 import avx512_vnni, sdot, spec
 from bnfold.targets.x86 import detect_cpu
 
 tvm = pytest.importorskip("tvm")
@@ -76,12 +77,12 @@ def _case(c: int, o: int, hw: tuple[int, int], k: int, s: int, pad: int, groups:
           clamp: tuple[int, int] | None = None, dilation: int = 1, n: int = 1,
           seed: int = 0) -> dict[str, Any]:  # fmt: skip
     rng = np.random.default_rng(seed)
-    lo, hi = K._DTYPES[x_dtype]
+    lo, hi = K.DTYPES[x_dtype]
     x = rng.integers(lo, hi + 1, (n, c, *hw)).astype(x_dtype)
     w = rng.integers(-127, 128, (o, c // groups, k, k)).astype(np.int8)
     zp = int(rng.integers(lo, hi + 1))
     bias = rng.integers(-(2**14), 2**14, o) - zp * w.astype(np.int64).sum(axis=(1, 2, 3))
-    qlo, qhi = K._DTYPES[out_dtype]
+    qlo, qhi = K.DTYPES[out_dtype]
     return {
         "x": x,
         "x_zero_point": zp,
@@ -198,26 +199,41 @@ def test_vnni_is_chosen_by_the_target() -> None:
             ("znver3", False), ("haswell", False), ("skylake-avx512", False)]  # fmt: skip
     for cpu, vnni in cpus:
         target = tvm.target.Target(dict(ZNVER4, mcpu=cpu))
-        assert K.supports_vnni(target) == vnni, cpu
+        assert avx512_vnni.supports(target) == vnni, cpu
         func, _ = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=target)
         assert ("vpdpbusd" in func.script()) == vnni, cpu
     func, _ = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=tvm.target.Target(ZNVER4),
                             isa="avx2")  # fmt: skip
     assert "vpdpbusd" not in func.script()
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
-    assert not K.supports_vnni(arm)
+    assert not avx512_vnni.supports(arm)
+
+
+def test_dispatch_picks_the_instruction_set_from_the_target_features() -> None:
+    # The first predicate of DISPATCH that holds, in priority order; None: no int8 kernels.
+    expected = [(ZNVER4, "vnni"), ({**ZNVER4, "mcpu": "sapphirerapids"}, "vnni"), (X86, "avx2"),
+                ({**ZNVER4, "mcpu": "skylake-avx512"}, "avx2"),
+                ({**ZNVER4, "mcpu": "x86-64"}, None)]  # fmt: skip
+    for target, name in expected:
+        isa = K.choose_isa(tvm.target.Target(target))
+        assert (isa and isa.name) == name, target
+    assert K.choose_isa(_arm("cortex-a76")).name == "sdot"
+    assert K.choose_isa(_arm("generic")).name == "neon"
+    assert K.choose_isa(tvm.target.Target({"kind": "cuda", "arch": "sm_80"})) is None
+    # Every instruction set can be forced by name (benchmarks compare them on one target).
+    assert set(K.ISAS) == {"avx2", "vnni", "vnni256", "vnni512", "vnnioc", "neon", "sdot"}
 
 
 def test_requantize_saturates_and_rounds_like_the_reference() -> None:
     # Accumulators far outside the output range and exact .5 ties.
     for m, s, zp, q in [(2**30, 31, 0, (0, 255)), (2**31 - 1, 62, -3, (-128, 127)),
                         (1518500250, 40, 128, (0, 255)), (2**30, 1, 0, (-128, 127))]:  # fmt: skip
-        lo, hi = K.acc_bounds(m, s, zp, *q)
-        for a in (K.INT32_MIN, lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, K.INT32_MAX):
-            if not K.INT32_MIN <= a <= K.INT32_MAX:
+        lo, hi = spec.acc_bounds(m, s, zp, *q)
+        for a in (spec.INT32_MIN, lo - 1, lo, lo + 1, hi - 1, hi, hi + 1, spec.INT32_MAX):
+            if not spec.INT32_MIN <= a <= spec.INT32_MAX:
                 continue
-            exact = min(max(K._requant(a, m, s, zp), q[0]), q[1])
-            clamped = min(max(K._requant(min(max(a, lo), hi), m, s, zp), q[0]), q[1])
+            exact = min(max(spec.requant(a, m, s, zp), q[0]), q[1])
+            clamped = min(max(spec.requant(min(max(a, lo), hi), m, s, zp), q[0]), q[1])
             assert exact == clamped
 
 
@@ -280,7 +296,7 @@ POOL_CASES = {
 def test_max_pool_is_bit_exact(name: str) -> None:
     shape, dtype, pool, strides, padding = POOL_CASES[name]
     rng = np.random.default_rng(list(POOL_CASES).index(name))
-    lo, hi = K._DTYPES[dtype]
+    lo, hi = K.DTYPES[dtype]
     x = rng.integers(lo, hi + 1, shape).astype(dtype)
     ref = K.reference_max_pool2d_int8(x, pool, strides, padding)
     target = tvm.target.Target(X86)
@@ -319,15 +335,14 @@ ADD_CASES = {
 def test_add_matches_the_float_reference(name: str) -> None:
     shape, (da, db, dy), clamp = ADD_CASES[name]
     rng = np.random.default_rng(list(ADD_CASES).index(name))
-    a = rng.integers(*K._DTYPES[da], shape, endpoint=True).astype(da)
-    b = rng.integers(*K._DTYPES[db], shape, endpoint=True).astype(db)
-    args = (0.0344, int(rng.integers(*K._DTYPES[da])), 0.0107, int(rng.integers(*K._DTYPES[db])),
-            0.0229, int(rng.integers(*K._DTYPES[dy])))  # fmt: skip
-    ref = K.reference_add_int8(a, args[0], args[1], b, args[2], args[3], args[4], args[5], dy,
-                               clamp)  # fmt: skip
+    a = rng.integers(*K.DTYPES[da], shape, endpoint=True).astype(da)
+    b = rng.integers(*K.DTYPES[db], shape, endpoint=True).astype(db)
+    q = K.QAdd(da, 0.0344, int(rng.integers(*K.DTYPES[da])), db, 0.0107,
+               int(rng.integers(*K.DTYPES[db])), 0.0229, int(rng.integers(*K.DTYPES[dy])), dy,
+               clamp)  # fmt: skip
+    ref = K.reference_add_int8(a, b, q)
     target = tvm.target.Target(X86)
-    func = K.add_int8(shape, da, args[0], args[1], db, args[2], args[3], args[4], args[5], dy,
-                      clamp, target)  # fmt: skip
+    func = K.add_int8(shape, q, target)
     got = _run_many(func, [], [a, b], shape, dy, target)
     diff = np.abs(got.astype(np.int64) - ref.astype(np.int64))
     # Equal but where an FMA moved a value across a rounding tie (1 LSB, rare).
@@ -341,7 +356,7 @@ def test_add_matches_the_float_reference(name: str) -> None:
                           (1, 1280, 1000, "int8", 0), (3, 8, 16, "uint8", 255)])  # fmt: skip
 def test_dense_float_output_is_bit_exact(n: int, i: int, o: int, dtype: str, zp: int) -> None:
     rng = np.random.default_rng(i)
-    x = rng.integers(*K._DTYPES[dtype], (n, i), endpoint=True).astype(dtype)
+    x = rng.integers(*K.DTYPES[dtype], (n, i), endpoint=True).astype(dtype)
     w = rng.integers(-128, 128, (o, i)).astype(np.int8)
     scale = rng.uniform(1e-4, 1e-2, o).astype(np.float32)
     bias = rng.normal(size=o).astype(np.float32)
@@ -395,18 +410,16 @@ def _arm(cpu: str, *mattr: str) -> Any:
 
 
 def test_supports_dotprod_follows_the_cpu() -> None:
-    from bnfold.targets import _int8_neon
-
     cpus = [("cortex-a55", True), ("cortex-a76", True), ("neoverse-n1", True),
             ("generic", False), ("cortex-a53", False), ("cortex-a72", False)]  # fmt: skip
     args = _case(c=8, o=8, hw=(6, 6), k=3, s=1, pad=1)
     x = args.pop("x")
     for cpu, dot in cpus:
-        assert _int8_neon.supports_dotprod(_arm(cpu)) == dot, cpu
+        assert sdot.supports(_arm(cpu)) == dot, cpu
         func, _ = K.conv2d_int8(x.shape, "uint8", K.QConv(**args), target=_arm(cpu))
         assert ("neon.sdot" in func.script()) == dot, cpu
-    assert _int8_neon.supports_dotprod(_arm("generic", "+dotprod"))
-    assert not _int8_neon.supports_dotprod(tvm.target.Target(ZNVER4))
+    assert sdot.supports(_arm("generic", "+dotprod"))
+    assert not sdot.supports(tvm.target.Target(ZNVER4))
     # sdot multiplies int8 x int8 into int32: a weight of -128 needs no fallback.
     w128 = args["weight"].copy()
     w128[0, 0, 0, 0] = -128
@@ -416,11 +429,9 @@ def test_supports_dotprod_follows_the_cpu() -> None:
 
 
 def test_sdot_tile_fits_the_register_file() -> None:
-    from bnfold.targets import _int8_neon
-
     for o, oh, ow, kw in [(64, 56, 56, 3), (256, 1, 784, 1), (10, 13, 10, 3), (512, 7, 7, 3),
                           (8, 1, 1, 1), (1000, 1, 1, 1)]:  # fmt: skip
-        t = _int8_neon.choose_tile_sdot(o, oh, ow, kw)
+        t = sdot.choose_tile(o, oh, ow, kw)
         acc = t.obn * t.yt * t.xv
         assert t.obn % 4 == 0 and acc <= 24 and acc + t.yt * t.xv + t.obn // 4 + 1 <= 32
         assert t.yt <= oh and (t.xv - 1) * 4 < ow
@@ -471,7 +482,7 @@ def _sdot_cases() -> list[tuple[str, dict[str, Any]]]:
     rng = np.random.default_rng(99)
     for x_dtype in ("uint8", "int8"):
         args = _case(c=36, o=20, hw=(9, 10), k=3, s=1, pad=1, x_dtype=x_dtype, shifts=(40, 48))
-        lo, hi = K._DTYPES[x_dtype]
+        lo, hi = K.DTYPES[x_dtype]
         args["x"] = rng.choice(np.array([lo, hi], dtype=x_dtype), args["x"].shape)
         args["weight"] = rng.choice(np.array([-128, 127], dtype=np.int8), args["weight"].shape)
         cases.append((f"extremes {x_dtype}", args))

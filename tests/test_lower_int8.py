@@ -162,10 +162,10 @@ def test_relax_fallback_without_kernels(tmp_path: Path, monkeypatch: pytest.Monk
     """Where the target has no int8 kernel, Relax integer ops (scheduled by bnfold's rules)
     compute the same thing: the convs, the max pool on the 8-bit tensor, and the last Gemm as
     an integer matmul with a float epilogue."""
-    from bnfold.targets import _int8
+    from bnfold.targets import int8 as int8_kernels
 
     for kernel in ("conv2d_int8", "max_pool2d_int8", "add_int8", "dense_int8_float"):
-        monkeypatch.setattr(_int8, kernel, lambda *a, **k: None)
+        monkeypatch.setattr(int8_kernels, kernel, lambda *a, **k: None)
     rng = np.random.default_rng(7)
     model = _conv_model(rng, act="Clip")
     int8, _ = quantize(model, _calib(rng, model))
@@ -222,11 +222,11 @@ def test_residual_add_pool_and_float_gemm_match_onnxruntime(
     tensor within 1 LSB of onnxruntime layer by layer, and the float output equal to
     onnxruntime's up to float rounding."""
     from bnfold import runtime
-    from bnfold.targets import _int8
+    from bnfold.targets import int8 as int8_kernels
 
     if not kernels:
         for kernel in ("conv2d_int8", "max_pool2d_int8", "add_int8", "dense_int8_float"):
-            monkeypatch.setattr(_int8, kernel, lambda *a, **k: None)
+            monkeypatch.setattr(int8_kernels, kernel, lambda *a, **k: None)
     rng = np.random.default_rng(21 + relu)
     model = _residual_model(rng, relu)
     int8, _ = quantize(model, _calib(rng, model), **_QUANT_OPTS[quant])

@@ -32,7 +32,7 @@ monotone and saturates, and it keeps the Relax pattern a plain ``quantize(conv +
 Each pattern is one rule in :mod:`bnfold.lower.int8_rules` (pattern, check, emit; applied in
 order by :func:`rewrite`); the fixed-point arithmetic is :mod:`bnfold.lower.fixed_point`.
 
-Convolutions use the target's int8 kernel (:mod:`bnfold.targets._int8`) where it has one, else
+Convolutions use the target's int8 kernel (:mod:`bnfold.targets.int8`) where it has one, else
 Relax's ``conv2d(out_dtype="int32")`` scheduled by bnfold's CPU rules. A group that does not
 match stays float (dequantize -> float op -> quantize) and is reported with the reason.
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from bnfold.lower import fixed_point
 from bnfold.lower.fixed_point import INT_RANGES, clamp_bounds
-from bnfold.targets import _int8
+from bnfold.targets import int8 as int8_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ class Passthrough:
                 or _ints(a.dilation) != [1, 1] or x_q.ty.ndim != 4):  # fmt: skip
             return None
         pt, pl, pb, pr = _ints(a.padding)
-        return _try_kernel("max pool", name, lambda: _int8.max_pool2d_int8(
+        return _try_kernel("max pool", name, lambda: int8_kernels.max_pool2d_int8(
             _shape(x_q), str(x_q.ty.dtype), tuple(_ints(a.pool_size)), tuple(_ints(a.strides)),
             (pt, pl, pb, pr), ctx.target,
         ))  # fmt: skip
@@ -449,10 +449,12 @@ class QuantizedAdd:
         if isinstance(clamp, str):
             return decline("add", clamp)
         (a, s_a, z_a), (b, s_b, z_b) = q
-        kernel = _try_kernel("add", site.name, lambda: _int8.add_int8(
-            shape, str(a.ty.dtype), s_a, z_a, str(b.ty.dtype), s_b, z_b,
-            site.s_y, site.z_y, site.out_dtype, (int(clamp[0][0]), int(clamp[1][0])), ctx.target,
-        ))  # fmt: skip
+        spec = int8_kernels.QAdd(
+            str(a.ty.dtype), s_a, z_a, str(b.ty.dtype), s_b, z_b,
+            site.s_y, site.z_y, site.out_dtype, (int(clamp[0][0]), int(clamp[1][0])),
+        )  # fmt: skip
+        kernel = _try_kernel("add", site.name,
+                             lambda: int8_kernels.add_int8(shape, spec, ctx.target))  # fmt: skip
         if kernel is None:
             return decline("add", "the target has no 8-bit add kernel for these types")
         return AddMatch(a, b, kernel)
@@ -529,12 +531,12 @@ class IntegerConv:
                     sh, sw = strides
                     x_shape = (*x_shape[:2], -(-x_shape[2] // sh), -(-x_shape[3] // sw))
                     k_strides = (1, 1)
-                spec = _int8.QConv(
+                spec = int8_kernels.QConv(
                     g.z_x, g.w_q, g.b_eff.astype(np.int32), k_strides, tuple(pad),
                     tuple(dilation), int(a.groups), mult, shift, site.z_y, site.out_dtype,
                     (int(lo.min()), int(hi.max())),
                 )  # fmt: skip
-                kernel = _try_kernel("conv", site.name, lambda: _int8.conv2d_int8(
+                kernel = _try_kernel("conv", site.name, lambda: int8_kernels.conv2d_int8(
                     x_shape, str(g.x_q.ty.dtype), spec, ctx.target))  # fmt: skip
         return ConvMatch(g, mult, shift, lo, hi, kernel, subsample and kernel is not None)
 
@@ -632,7 +634,7 @@ class FloatOutputMatmul:
         kernel = None
         if ctx.target is not None and dtype == "float32":
             w_oi = np.ascontiguousarray(g.w_q if g.transpose else g.w_q.T)
-            kernel = _try_kernel("dense", site.name, lambda: _int8.dense_int8_float(
+            kernel = _try_kernel("dense", site.name, lambda: int8_kernels.dense_int8_float(
                 _shape(g.x_q), str(g.x_q.ty.dtype), g.z_x, w_oi, g.acc_scale, g.bias,
                 ctx.target,
             ))  # fmt: skip
