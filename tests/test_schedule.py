@@ -124,7 +124,8 @@ def _dense_ops(rng: np.random.Generator) -> list[Op]:
             kind="bnfold_matmul:dense",
         ),
         Op("MatMul", (1, 40), {"w": _w(rng, 40, 24)}, kind="bnfold_matmul:dense"),
-        Op("MatMul", (2, 16), {"w": _w(rng, 16, 8)}, kind="bnfold_matmul:dense"),
+        # Columns that are not whole vectors (12: AVX2 and AVX-512): one row per tile.
+        Op("MatMul", (2, 16), {"w": _w(rng, 16, 12)}, kind="bnfold_matmul:dense"),
         # A Linear on NHWC rows (ConvNeXt): rows x column vectors, packed weights.
         Op("MatMul", (1, 4, 6, 32), {"w": _w(rng, 32, 48)}, relu=True, kind="bnfold_matmul:gemm"),
         Op("MatMul", (1, 2, 8, 24), {"w": _w(rng, 24, 64)}, kind="bnfold_matmul:gemm"),
@@ -235,9 +236,63 @@ def test_narrow_maps_put_output_channels_on_the_lanes(tmp_path: Path) -> None:
     for name, want in run_onnxruntime(model, feeds).items():
         np.testing.assert_allclose(got[name], want, rtol=RTOL,
                                    atol=RTOL * float(np.abs(want).max()), err_msg=name)  # fmt: skip
-    # 48 channels are 3 AVX-512 vectors; 12 columns are not narrower than an AVX2 vector.
-    want = ["conv1x1 (channel lanes)", "conv3x3 (channel lanes)"]
-    want += ["conv3x3 (channel lanes)"] if lanes == 16 else ["conv3x3"]
+    # 48 channels are 3 AVX-512 vectors; 12 columns are a vector and a half on AVX2, where the
+    # row tile would be half a vector (4 of 8 lanes).
+    assert lanes in (8, 16)
+    want = ["conv1x1 (channel lanes)", "conv3x3 (channel lanes)", "conv3x3 (channel lanes)"]
+    assert kinds == sorted(want), kinds
+
+
+@pytest.mark.parametrize(
+    ("cpu", "lanes"),
+    [("x86-64", 4), ("haswell", 8), ("znver3", 8), ("icelake-server", 16), ("znver4", 16)],
+)
+def test_vector_lanes_follow_the_cpu_features(cpu: str, lanes: int) -> None:
+    """TVM 0.27's ``llvm_get_vector_width`` answers 512 for every x86-64 CPU; the rules size
+    their tiles by the CPU's own vectors (AVX2: 8 fp32 lanes, AVX-512: 16)."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
+    assert vector_lanes(target) == lanes
+
+
+PIXEL_TILES = """
+<ir_version: 8, opset_import: ["" : 17]>
+pixels (float[1, 16, 12, 14] x, float[1, 24, 12, 14] r, float[1, 8, 10, 12] z)
+    => (float[1, 24, 12, 14] y, float[1, 16, 12, 14] u, float[1, 16, 10, 12] v) {
+    c = Conv <kernel_shape = [1, 1]> (x, w1, b1)
+    s = Add (c, r)
+    y = Relu (s)
+    u = Conv <kernel_shape = [1, 1]> (x, w2)
+    v = Conv <kernel_shape = [3, 3], pads = [1, 1, 1, 1]> (z, w3, b3)
+}
+"""
+
+
+def test_avx2_1x1_convs_tile_pixels_and_part_vector_rows_take_channel_lanes(
+    tmp_path: Path,
+) -> None:
+    """On AVX2 (8 lanes) a 1x1 stride-1 conv is a GEMM over its flattened pixels: 12 x 14 =
+    168 pixels are 21 whole vectors although a 14-column row is not (residual-add epilogue, and
+    none); a 3x3 conv on 12-column rows (a row tile of half a vector) puts its output channels on
+    the lanes instead. The results match onnxruntime."""
+    rng = np.random.default_rng(4)
+    model = onnx.parser.parse_model(PIXEL_TILES)
+    for name, shape in (("w1", (24, 16, 1, 1)), ("b1", (24,)), ("w2", (16, 16, 1, 1)),
+                        ("w3", (16, 8, 3, 3)), ("b3", (16,))):  # fmt: skip
+        model.graph.initializer.append(numpy_helper.from_array(_w(rng, *shape), name))
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "pixels.onnx"
+    onnx.save(model, path)
+    with schedule.recording() as matches:
+        lower.compile_model(path, "x86:haswell", tmp_path / "out", verify=False, fold=False)
+    kinds = sorted(m.kind for m in matches if m.rule == "bnfold_conv")
+    feeds = {"x": _w(rng, 1, 16, 12, 14), "r": _w(rng, 1, 24, 12, 14), "z": _w(rng, 1, 8, 10, 12)}
+    got = runtime.load(tmp_path / "out").run(feeds)
+    for name, want in run_onnxruntime(model, feeds).items():
+        np.testing.assert_allclose(got[name], want, rtol=RTOL,
+                                   atol=RTOL * float(np.abs(want).max()), err_msg=name)  # fmt: skip
+    want = ["conv1x1 (pixel tiles)", "conv1x1 (pixel tiles)", "conv3x3 (channel lanes)"]
     assert kinds == sorted(want), kinds
 
 
@@ -365,7 +420,7 @@ def test_channel_lanes_only_where_they_fit() -> None:
     with bb.function("main", [x]):
         with bb.dataflow():
             a = bb.emit(relax.op.nn.conv2d(x, w(2 * lanes, 16)))  # taken
-            b = bb.emit(relax.op.nn.conv2d(x, w(lanes + 4, 16)))  # channels not whole vectors
+            b = bb.emit(relax.op.nn.conv2d(x, w(lanes + 2, 16)))  # channels not half vectors
             c = bb.emit(relax.op.nn.conv2d(x, w(16, 1), groups=16))  # depthwise
             out = bb.emit_output(relax.Tuple([a, b, c]))
         bb.emit_func_output(out)
@@ -395,7 +450,8 @@ def _conv_calls(func: object) -> list[object]:
 def test_conv_rule_records_every_conv_it_takes(tmp_path: Path) -> None:
     """The manifest's summary counts what the recording saw."""
     rng = np.random.default_rng(1)
-    ops = [_conv(rng, (1, 8, 7, 9), 12, (3, 3), "conv3x3", pad=1)]
+    # 16 columns: whole vectors on AVX2 and AVX-512 (a 9-column row takes channel lanes).
+    ops = [_conv(rng, (1, 8, 7, 16), 12, (3, 3), "conv3x3", pad=1)]
     path = tmp_path / "one.onnx"
     onnx.save(_model(ops), path)
     m = lower.compile_model(path, "x86", tmp_path / "out", verify=False, fold=False)
