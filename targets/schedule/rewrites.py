@@ -330,7 +330,7 @@ def channels_last_weights(target: Any) -> Any:
         a = call.attrs
         w = call.args[1].value.numpy()
         o, i, kh, kw = w.shape
-        vec, j, _ = channel_tile(o, static_shape(call)[3], lanes)  # type: ignore[index]
+        vec, j, _ = channel_tile(o, static_shape(call)[3], lanes, kh * kw == 1)  # type: ignore[index]
         panel = j * vec
         packed = w.reshape(o // panel, panel, i, kh, kw).transpose(0, 2, 3, 4, 1)
         return bb.call_te(
