@@ -15,13 +15,14 @@ more layers in float and quantizes again. The targets (any of them, all must be 
 Which layers (measured, not estimated):
 
 * the *probe*: up to :data:`PROBE_SAMPLES` calibration samples, spread over the calibration
-  set (the held-out samples only ever decide whether a target is met, never the ranking);
+  set (the held-out samples only ever decide whether a target is met, never the ranking); the
+  ranking runs on its first :data:`RANKING_SAMPLES`;
 * the *sensitivity* of a quantized tensor ``t`` is the output error that quantizing ``t``
   adds, measured end to end on the probe: ``S(t) = E(int8) - E(int8 computed as if t were
   kept float)`` (:func:`bypass`: t's readers read the float tensor, its producer and readers
   use their float weights; no recalibration), where ``E`` is the relative error energy
   ``sum((fp32 - int8)^2) / sum(fp32^2)`` of the outputs the targets look at (the class output
-  for agreement; the worst output for cosine). One onnxruntime run of the probe per tensor;
+  for agreement; the worst output for cosine). One onnxruntime run per tensor;
 * a round ranks the tensors by ``S`` on the current int8 model and walks down the ranking,
   bypassing one more tensor at a time (one probe run each), until the probe's own metrics
   meet the targets (at least ``round`` tensors a round, so that a held-out shortfall that the
@@ -64,6 +65,9 @@ logger = logging.getLogger(__name__)
 Feeds = dict[str, Any]
 METRICS = {"cosine": "cosine", "agreement": "top-1 agreement"}
 PROBE_SAMPLES = 32
+# The ranking runs the probe once per quantized tensor: on its first samples only (the walk
+# down the ranking, one run per step, uses them all).
+RANKING_SAMPLES = 8
 _NO_CLASS_AXIS = ("--target-agreement needs an output with a class axis ((N, C), (N, T, C) or "
                   "(N, C, H, W) with C > 1)")  # fmt: skip
 
@@ -172,30 +176,35 @@ class Probe:
             model, check=False, infer_shapes=False)  # fmt: skip
         step = max(1, len(calib_feeds) // PROBE_SAMPLES)
         picked = list(calib_feeds[::step][:PROBE_SAMPLES])
-        self.batches = calib.batches(picked, calib.input_specs(proto), 8)
+        specs = calib.input_specs(proto)
+        self.batches = calib.batches(picked, specs, 8)
+        self.few = calib.batches(picked[:RANKING_SAMPLES], specs, 8)
         self.outputs = [o.name for o in proto.graph.output]
-        self.ref = self._run(proto)
+        self.ref = self._run(proto, self.batches)
+        self.ref_few = self._run(proto, self.few)
         self.targets = targets
         self.watched = self.outputs
         if set(targets) == {"agreement"}:  # the class output only
             self.watched = [n for n in self.outputs if class_axis(self.ref[n].shape) is not None]
             self.watched = self.watched[:1] or self.outputs
 
-    def _run(self, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    def _run(self, model: onnx.ModelProto, batches: Sequence[Feeds]) -> dict[str, np.ndarray]:
         run = Runner(model, self.outputs)
-        got = [run(b) for b in self.batches]
+        got = [run(b) for b in batches]
         return {n: np.concatenate([g[n] for g in got]) for n in self.outputs}
 
-    def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
-        """``(E, shortfall)`` of ``model`` on the probe: its relative output error energy and
-        how far its worst metric is below its target (<= 0: met on the probe)."""
-        got = self._run(model)
+    def measure(self, model: onnx.ModelProto, few: bool = False) -> tuple[float, float]:
+        """``(E, shortfall)`` of ``model`` on the probe (``few``: on its first
+        :data:`RANKING_SAMPLES` samples): its relative output error energy and how far its
+        worst metric is below its target (<= 0: met there)."""
+        ref = self.ref_few if few else self.ref
+        got = self._run(model, self.few if few else self.batches)
         err = 0.0
         for n in self.watched:
-            r, g = self.ref[n].astype(np.float64), got[n].astype(np.float64)
+            r, g = ref[n].astype(np.float64), got[n].astype(np.float64)
             err = max(err, float(np.sum((r - g) ** 2) / max(np.sum(r * r), 1e-30)))
-        cos = min(float(np.nanmean(metrics.cosines(self.ref[n], got[n]))) for n in self.outputs)
-        agreements = (metrics.class_agreement(self.ref[n], got[n]) for n in self.outputs)
+        cos = min(float(np.nanmean(metrics.cosines(ref[n], got[n]))) for n in self.outputs)
+        agreements = (metrics.class_agreement(ref[n], got[n]) for n in self.outputs)
         agr = next((a for a in agreements if a is not None), None)
         return err, _gap({"cosine": cos, "agreement": agr}, self.targets)
 
@@ -206,12 +215,12 @@ def sensitivity(
     """``{tensor: S(t)}`` (see module doc) for every quantized tensor of ``int8`` that is not
     a graph output and not in ``skip``."""
     outputs = {o.name for o in int8.graph.output}
-    base, _ = probe.measure(int8)
+    base, _ = probe.measure(int8, few=True)
     out = {}
     for t in report.tensors:
         if t["name"] in outputs or t["name"] in skip:
             continue
-        err, _ = probe.measure(bypass(int8, report.float_model, [t]))
+        err, _ = probe.measure(bypass(int8, report.float_model, [t]), few=True)
         out[t["name"]] = base - err
     return out
 
