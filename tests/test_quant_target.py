@@ -293,3 +293,31 @@ def test_target_keeps_only_the_layer_that_matters(starved: str, tmp_path: Path) 
             for m in (str(path), int8.SerializeToString()))  # fmt: skip
     assert float(np.mean(a.argmax(1) == b.argmax(1))) == pytest.approx(acc.top1)
     assert acc.top1 >= 0.95
+
+
+def test_bypass_of_a_conv_that_bias_correction_gave_a_bias(tmp_path: Path) -> None:
+    """A conv written without a bias gets one from bias correction; computing it as if kept
+    float takes its float weight from the twin and keeps that bias, and runs."""
+    from bnfold.quant.quantize import Runner, quantize
+    from bnfold.quant.target import bypass
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+        c = Conv <pads=[1,1,1,1]> (x, W1)
+        r = Relu (c)
+        y = Conv (r, W2)
+    }"""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.3, (8, 3, 3, 3)), rng.normal(0, 0.3, (4, 8, 1, 1))
+    path = tmp_path / "m.onnx"
+    onnx.save(parse(text, W1=w1.astype(np.float32), W2=w2.astype(np.float32)), path)
+    feeds = _feeds(1)
+    int8, report = quantize(path, feeds)
+    # Both convs now have the bias that bias correction added; the twin's have none.
+    assert all(len(n.input) == 3 for n in int8.graph.node if n.op_type == "Conv")
+    r = next(t for t in report.tensors if t["name"] == "r")
+    out = bypass(int8, report.float_model, [r])
+    x = np.concatenate([f["x"] for f in feeds])
+    ref = Runner(onnx.load(path), ["y"])({"x": x})["y"]
+    errs = [np.abs(Runner(m, ["y"])({"x": x})["y"] - ref).max() for m in (int8, out)]
+    assert errs[1] < errs[0]

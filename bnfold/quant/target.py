@@ -160,8 +160,13 @@ def bypass(
             if name in to_float:
                 node.input[i] = to_float[name]
             elif name in weight_dq and node.name in keep and node.name in twin_nodes:
-                original = twin_nodes[node.name].input[i]
-                if original in twin_inits and original not in inits:
+                twin_inputs = twin_nodes[node.name].input
+                # An input the twin's node lacks (the bias that bias correction gave a conv
+                # without one) or that is not a constant there keeps its dequantized value.
+                original = twin_inputs[i] if i < len(twin_inputs) else ""
+                if original not in twin_inits:
+                    continue
+                if original not in inits:
                     out.graph.initializer.append(twin_inits[original])
                     inits.add(original)
                 node.input[i] = original
