@@ -2,13 +2,22 @@
 
     python -m benchmarks.int8_accuracy [--cache .cache/models] [--out out/int8_accuracy]
 
-The data: 11 photographs of things (objects, an animal, scenes) that ship with scikit-image /
-scikit-learn, 9 views of each (ImageNet center crop, the whole short side, a zoom, each with
-its mirror image, and three off-center crops): 54 calibration and 45 evaluation samples. The
-split is by photo (``CALIBRATION`` / ``EVALUATION``): no view of an evaluation photo is ever
-seen by a calibrator. Seven pictures with no ImageNet object (microscopy, astronomy, textures,
-a silhouette) are a second, separate evaluation set ("non-objects"), reported in its own
-column.
+The data: 12 photographs of things (objects, animals, people, scenes) that ship with
+scikit-image, scikit-learn and matplotlib (every natural photograph they install; nothing is
+downloaded). Calibration: 9 fixed views of each of the 6 ``CALIBRATION`` photos (ImageNet
+center crop, the whole short side, a zoom, each with its mirror image, and three off-center
+crops): 54 samples. Evaluation: 40 views of each of the 6 ``EVALUATION`` photos (the 9 fixed
+views and 31 random resized crops, seeded by the photo's name): 240 samples. The split is by
+photo: no view of an evaluation photo is ever seen by a calibrator. Seven pictures with no
+ImageNet object (microscopy, astronomy, textures, a silhouette) are a second, separate
+evaluation set ("non-objects"), reported in its own column.
+
+``--paired FILE`` runs only bnfold's defaults (and without CLE / bias correction) against
+onnxruntime ``quantize_static`` per-channel after ``quant_pre_process`` on both folds (each
+split calibrates, the other is held out: 480 held-out views of 11 scenes), with the paired
+statistics a 0.02 difference needs: McNemar's exact test on the per-view agreement and a
+bootstrap over scenes (views of one photo are not independent) for the agreement and cosine
+differences.
 
 Measured side by side, each against the fp32 model on the held-out views (onnxruntime with
 optimizations off, which runs a QDQ model exactly as written):
@@ -30,6 +39,7 @@ import json
 import logging
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,7 +65,14 @@ logger = logging.getLogger(__name__)
 # Photographs of things ImageNet has classes for (the stereo motorcycle pair stays in one split).
 # The split is fixed here, by name: no view of an evaluation photo is seen by a calibrator.
 CALIBRATION = ("astronaut", "coffee", "motorcycle_left", "motorcycle_right", "china", "clock")
-EVALUATION = ("chelsea", "rocket", "camera", "flower", "coins")
+EVALUATION = ("chelsea", "rocket", "camera", "flower", "coins", "grace_hopper")
+# Every natural photograph installed with scikit-image, scikit-learn and matplotlib (no
+# downloads): 12 photos, 11 independent scenes. The paired comparison (``--paired``) runs both
+# folds, each split calibrating and the other held out, so every photo is held out once.
+FOLDS = ((CALIBRATION, EVALUATION), (EVALUATION, CALIBRATION))
+# Held-out views per photo: the 9 fixed VIEWS, then random resized crops (area 25-100% of the
+# photo, aspect 3:4 to 4:3, mirrored half the time; seeded by the photo's name) up to this.
+HELD_VIEWS = 40
 # Not photographs of objects: microscopy, astronomy, textures, and a binary silhouette. No
 # ImageNet class applies, and the fp32 model's answer is noise (top class probability ~0.1 with
 # a logit margin ~0.1; on the horse silhouette 4 different classes over its 9 views), so top-1
@@ -94,7 +111,123 @@ def load_picture(name: str) -> np.ndarray:
         from skimage import data
 
         return np.repeat(data.horse()[..., None].astype(np.uint8) * 255, 3, axis=2)
+    if name == "grace_hopper":  # matplotlib's sample photograph
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+            from PIL import Image
+
+            return np.asarray(Image.open(f).convert("RGB"))
     return _load_image(name)
+
+
+def random_crop(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One random resized crop (torchvision's RandomResizedCrop with area 25-100%, aspect 3:4
+    to 4:3) and random mirror of a uint8 HxWx3 image, ImageNet-normalized to 3x224x224."""
+    h, w = image.shape[:2]
+    area = rng.uniform(0.25, 1.0) * h * w
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw, ch = min(w, round(np.sqrt(area * aspect))), min(h, round(np.sqrt(area / aspect)))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    x = _resize(image[top : top + ch, left : left + cw].astype(np.float32) / 255.0, CROP, CROP)
+    if rng.random() < 0.5:
+        x = x[:, ::-1]
+    x = (x - _IMAGENET_MEAN) / _IMAGENET_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+def held_views(names: tuple[str, ...], per_photo: int = HELD_VIEWS) -> tuple[list, np.ndarray]:
+    """``per_photo`` views of each named picture (the fixed VIEWS, then random crops seeded by
+    the name) as batch-1 feeds, and each view's scene (for a bootstrap over scenes: the stereo
+    motorcycle pair is one scene)."""
+    feeds, photo = [], []
+    for n in names:
+        image = load_picture(n)
+        rng = np.random.default_rng(zlib.crc32(n.encode()))
+        xs = [view(image, *v) for v in VIEWS[:per_photo]]
+        xs += [random_crop(image, rng) for _ in range(per_photo - len(xs))]
+        feeds += [{"input": x[None]} for x in xs]
+        photo += [n.removesuffix("_left").removesuffix("_right")] * len(xs)
+    return feeds, np.array(photo)
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Exact McNemar test of paired booleans: ``a_only`` (a right, b wrong), ``b_only`` and the
+    two-sided p-value of ``a_only`` ~ Binomial(a_only + b_only, 1/2)."""
+    from scipy.stats import binomtest
+
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = a_only + b_only
+    p = binomtest(a_only, n, 0.5).pvalue if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p": float(p)}
+
+
+def bootstrap_diff(
+    a: np.ndarray, b: np.ndarray, clusters: np.ndarray, reps: int = 10000
+) -> dict[str, float]:
+    """Mean of ``a - b`` over views and its 95% percentile interval from resampling whole
+    clusters (scenes) with replacement: views of one photo are not independent."""
+    rng = np.random.default_rng(0)
+    names = np.unique(clusters)
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    sums = np.array([d[clusters == c].sum() for c in names])
+    counts = np.array([np.sum(clusters == c) for c in names])
+    pick = rng.integers(0, len(names), (reps, len(names)))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "ci95": [float(lo), float(hi)], "clusters": len(names)}
+
+
+PAIRED = {
+    "bnfold": {},
+    "bnfold-no-cle": {"cle": False},
+    "bnfold-no-bias-correction": {"bias_correction": "none"},
+}
+
+
+def paired(cache: Path, work: Path) -> dict[str, Any]:
+    """bnfold (defaults, and without CLE / bias correction) vs onnxruntime ``quantize_static``
+    per-channel after ``quant_pre_process`` (:func:`benchmarks.int8_real.ort_quantize`) on both
+    FOLDS: per-view top-1 agreement with fp32 and logit cosine, paired over the same views;
+    McNemar on agreement, bootstrap over scenes for the differences."""
+    from benchmarks.int8_real import ort_quantize
+
+    path = model_path(cache, "mobilenet_v2")
+    agree: dict[str, list] = {}
+    cos: dict[str, list] = {}
+    scenes = []
+    for cal_names, held_names in FOLDS:
+        cal = views(cal_names)
+        held, scene = held_views(held_names)
+        scenes.append(scene)
+        x = np.concatenate([f["input"] for f in held])
+        ref = run_onnxruntime(path, {"input": x})["logits"]
+        models = {tag: quantize(path, cal, **kw)[0] for tag, kw in PAIRED.items()}
+        models["ort"] = ort_quantize(path, cal, work)
+        for tag, m in models.items():
+            got = run_onnxruntime(m, {"input": x})["logits"]
+            agree.setdefault(tag, []).append(ref.argmax(1) == got.argmax(1))
+            norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+            cos.setdefault(tag, []).append(np.sum(ref * got, 1) / norms)
+        logger.info("fold %s done", held_names)
+    clusters = np.concatenate(scenes)
+    a = {k: np.concatenate(v) for k, v in agree.items()}
+    c = {k: np.concatenate(v).astype(np.float64) for k, v in cos.items()}
+    rows = {k: {"top1_agreement": float(a[k].mean()), "cosine": float(c[k].mean()),
+                "per_scene_agreement": {s: float(a[k][clusters == s].mean())
+                                        for s in np.unique(clusters)}}
+            for k in a}  # fmt: skip
+    versus = {}
+    for x, y in [*((k, "ort") for k in PAIRED), *((k, "bnfold") for k in PAIRED if k != "bnfold")]:
+        versus[f"{x} - {y}"] = {
+            "agreement": bootstrap_diff(a[x], a[y], clusters),
+            "mcnemar": mcnemar(a[x], a[y]),
+            "cosine": bootstrap_diff(c[x], c[y], clusters),
+        }
+    return {"data": f"{len(FOLDS)} folds; {len(clusters)} held-out views of "
+                    f"{len(np.unique(clusters))} scenes ({HELD_VIEWS} per photo); calibration: "
+                    f"{len(VIEWS)} views of each photo of the other fold",
+            "held_out_views": len(clusters), "rows": rows, "paired": versus}  # fmt: skip
 
 
 def views(names: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
@@ -136,7 +269,7 @@ def run(cache: Path, out: Path, methods: bool) -> list[dict[str, Any]]:
     """Every configuration; returns one row per configuration."""
     path = model_path(cache, "mobilenet_v2")
     t0 = time.perf_counter()
-    cal, ev, hard = views(CALIBRATION), views(EVALUATION), views(NON_OBJECTS)
+    cal, ev, hard = views(CALIBRATION), held_views(EVALUATION)[0], views(NON_OBJECTS)
     logger.info("dataset: %d calibration, %d evaluation, %d non-object views (%.1f s)",
                 len(cal), len(ev), len(hard), time.perf_counter() - t0)  # fmt: skip
     specs = calib.input_specs(onnx.load(str(path)))
@@ -219,10 +352,30 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(".cache/models"))
     ap.add_argument("--out", type=Path, default=Path("out/int8_accuracy"))
     ap.add_argument("--no-methods", action="store_true", help="skip percentile/entropy rows")
+    ap.add_argument(
+        "--paired",
+        type=Path,
+        default=None,
+        help="only the two-fold paired comparison with onnxruntime, into this JSON",
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")  # fmt: skip
+    if args.paired is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = paired(args.cache, Path(tmp))
+        args.paired.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        for k, r in result["rows"].items():
+            print(f"{k}: top-1 agreement {r['top1_agreement']:.4f}, cosine {r['cosine']:.5f}")
+        for k, v in result["paired"].items():
+            ag, co, mc = v["agreement"], v["cosine"], v["mcnemar"]
+            print(
+                f"{k}: agreement {ag['mean']:+.4f} [{ag['ci95'][0]:+.4f}, {ag['ci95'][1]:+.4f}]"
+                f" McNemar {mc['a_only']}/{mc['b_only']} p={mc['p']:.3g}; cosine "
+                f"{co['mean']:+.5f} [{co['ci95'][0]:+.5f}, {co['ci95'][1]:+.5f}]"
+            )
+        return
     rows = run(args.cache, args.out, not args.no_methods)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")

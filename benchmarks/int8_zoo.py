@@ -9,7 +9,9 @@ Per zoo export (``ZOO/*.STYLE.onnx``), ``bnfold compile MODEL --int8 --calib ran
 command itself), the accuracy gate off (random images say nothing about accuracy; the held-out
 cosine is still recorded), and the int8 artifact's layer-by-layer check on (its default). Per
 model: the exit code (0 ok, 1 a check failed, 2 bad input, 3 internal error), the command's
-one-line error, the held-out cosine, the quantized/integer group counts and the check's status.
+one-line error, the held-out cosine, the quantized/integer group counts, the check's status,
+the wall seconds (shared cores: only a guide) and the child's CPU seconds, and each step's
+seconds as the quantization report and the manifest give them.
 
 The JSON is rewritten after every model and a rerun skips models it already holds, so a run on
 shared cores can be stopped and resumed.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -60,6 +63,7 @@ def run_one(model: Path, samples: int, timeout: float) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "bnfold", "compile", str(model), "--int8", "--calib",
                str(data), "--min-cosine", "0", "-o", str(out)]  # fmt: skip
         start = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                   env={**os.environ, "TVM_NUM_THREADS": "1"})  # fmt: skip
@@ -70,11 +74,14 @@ def run_one(model: Path, samples: int, timeout: float) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             row["exit"] = "timeout"
         row["seconds"] = round(time.perf_counter() - start, 1)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # a killed child is not counted
+        row["cpu_seconds"] = round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1)
         report = out / "quant_report.json"
         if report.is_file():
             r = json.loads(report.read_text())
             row["cosine"] = (r.get("accuracy") or {}).get("cosine")
             row["counts"] = r.get("counts")
+            row["quantize_steps"] = r.get("seconds")
         manifest = out / "manifest.json"
         if manifest.is_file():
             m = json.loads(manifest.read_text())
@@ -83,6 +90,7 @@ def run_one(model: Path, samples: int, timeout: float) -> dict[str, Any]:
                                                   "kernel_groups")}  # fmt: skip
             v = m.get("verification", {})
             row["verification"] = {k: v.get(k) for k in ("status", "max_lsb", "tensors")}
+            row["compile_steps"] = m["compile"].get("steps")
     return row
 
 

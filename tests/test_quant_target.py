@@ -201,3 +201,123 @@ def test_mac_share_skips_unknown_ranks() -> None:
     model = parse(text, W=np.ones((8, 4), np.float32))
     model.graph.node[0].name, model.graph.node[2].name = "a", "b"
     assert mac_share(model, ["a"]) == 1.0 and mac_share(model, ["b"]) == 0.0
+
+
+def _two_paths(starved: str) -> onnx.ModelProto:
+    """Conv-Relu r1 -> Conv-Relu r2 -> Conv c3, plus a side branch Conv-Relu rd -> Conv dd
+    (weights 1e-4) added to c3, then a classifier. ``starved`` (r1 or r2) and the side branch's
+    ``rd`` each carry a constant 1e4 channel that the next conv ignores, so both quantize their
+    useful channels to 0 (their SQNR stays high: the constant channel is most of the signal),
+    but only ``starved`` matters to the output. The Relus keep the fold from merging convs."""
+    rng = np.random.default_rng(0)
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,10] y) {
+        c1 = Conv <pads=[1,1,1,1]> (x, W1, B1)
+        r1 = Relu (c1)
+        c2 = Conv (r1, W2, B2)
+        r2 = Relu (c2)
+        c3 = Conv (r2, W3, B3)
+        d = Conv (x, Wd, Bd)
+        rd = Relu (d)
+        dd = Conv (rd, Wdd, Bdd)
+        s = Add (c3, dd)
+        gp = GlobalAveragePool (s)
+        f = Flatten (gp)
+        y = Gemm <transB=1> (f, Wf, Bf)
+    }"""
+    t = {"W1": rng.normal(0, 0.3, (8, 3, 3, 3)), "W2": rng.normal(0, 0.3, (8, 8, 1, 1)),
+         "W3": rng.normal(0, 0.3, (8, 8, 1, 1)), "Wd": rng.normal(0, 0.3, (8, 3, 1, 1)),
+         "Wdd": rng.normal(0, 1e-4, (8, 8, 1, 1)), "Wf": rng.normal(0, 1, (10, 8)),
+         **{b: rng.normal(0, 0.3, 8) for b in ("B1", "B2", "B3", "Bd", "Bdd")},
+         "Bf": np.zeros(10)}  # fmt: skip
+    following = {"r1": "W2", "r2": "W3", "rd": "Wdd"}
+    for layer in (starved, "rd"):
+        w, b = f"W{layer[1:]}", f"B{layer[1:]}"
+        t[w][0], t[b][0], t[following[layer]][:, 0] = 0.0, 1e4, 0.0
+    return parse(text, **{k: np.asarray(v, np.float32) for k, v in t.items()})
+
+
+def _feeds(seed: int, n: int = 24) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0, 1, (n, 3, 8, 8)) + rng.normal(0, 2, (n, 3, 1, 1))
+    return [{"x": x[i : i + 1].astype(np.float32)} for i in range(n)]
+
+
+@pytest.mark.parametrize("starved", ["r1", "r2"])
+def test_sensitivity_ranks_the_layer_that_matters_first(starved: str, tmp_path: Path) -> None:
+    """The ranking is measured at the output: the starved layer on the main path comes first,
+    although its SQNR is higher than other tensors' (the noise it adds is downstream of it),
+    and the side branch, as starved but scaled by 1e-4, comes nowhere near."""
+    from bnfold.quant.quantize import quantize
+    from bnfold.quant.report import evaluate
+    from bnfold.quant.target import Probe, sensitivity
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_two_paths(starved), path)
+    cal = _feeds(1)
+    int8, report = quantize(path, cal)
+    acc = evaluate(path, int8, report, [{"x": np.concatenate([f["x"] for f in _feeds(2)])}])
+    sqnr = {r["tensor"]: r["sqnr_db"] for r in acc.layers}
+    assert acc.top1 < 0.9 and sqnr[starved] > min(sqnr.values()) + 10
+    sens = sensitivity(Probe(path, cal, {"agreement": 0.95}), int8, report)
+    assert max(sens, key=sens.get) == starved
+    assert sens[starved] > 100 * max(abs(sens["rd"]), 1e-12)
+
+
+@pytest.mark.parametrize("starved", ["r1", "r2"])
+def test_target_keeps_only_the_layer_that_matters(starved: str, tmp_path: Path) -> None:
+    """--target-agreement 0.95 takes the starved tensor out of int8 first (its producer and
+    its reader stay float), and nothing of the side branch; the held-out agreement, recomputed
+    in onnxruntime, meets it."""
+    import onnxruntime as ort
+
+    from bnfold.quant.quantize import quantize
+    from bnfold.quant.report import evaluate
+    from bnfold.quant.target import reach
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_two_paths(starved), path)
+    cal = _feeds(1)
+    x = np.concatenate([f["x"] for f in _feeds(2, 40)])
+    held = [{"x": x}]
+    int8, report = quantize(path, cal)
+    first = (int8, report, evaluate(path, int8, report, held))
+    assert first[2].top1 < 0.9
+    int8, report, acc = reach(path, cal, held, {"agreement": 0.95}, first)
+    t = report.target
+    assert t["met"] and t["float_tensors"][0] == starved, t["rounds"]
+    assert not any("d" in n.split(":")[-1] for n in t["float_nodes"]), t["float_nodes"]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    a, b = (ort.InferenceSession(m, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            for m in (str(path), int8.SerializeToString()))  # fmt: skip
+    assert float(np.mean(a.argmax(1) == b.argmax(1))) == pytest.approx(acc.top1)
+    assert acc.top1 >= 0.95
+
+
+def test_bypass_of_a_conv_that_bias_correction_gave_a_bias(tmp_path: Path) -> None:
+    """A conv written without a bias gets one from bias correction; computing it as if kept
+    float takes its float weight from the twin and keeps that bias, and runs."""
+    from bnfold.quant.quantize import Runner, quantize
+    from bnfold.quant.target import bypass
+
+    text = """<ir_version: 8, opset_import: ["" : 17]>
+    g (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+        c = Conv <pads=[1,1,1,1]> (x, W1)
+        r = Relu (c)
+        y = Conv (r, W2)
+    }"""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(0, 0.3, (8, 3, 3, 3)), rng.normal(0, 0.3, (4, 8, 1, 1))
+    path = tmp_path / "m.onnx"
+    onnx.save(parse(text, W1=w1.astype(np.float32), W2=w2.astype(np.float32)), path)
+    feeds = _feeds(1)
+    int8, report = quantize(path, feeds)
+    # Both convs now have the bias that bias correction added; the twin's have none.
+    assert all(len(n.input) == 3 for n in int8.graph.node if n.op_type == "Conv")
+    r = next(t for t in report.tensors if t["name"] == "r")
+    out = bypass(int8, report.float_model, [r])
+    x = np.concatenate([f["x"] for f in feeds])
+    ref = Runner(onnx.load(path), ["y"])({"x": x})["y"]
+    errs = [np.abs(Runner(m, ["y"])({"x": x})["y"] - ref).max() for m in (int8, out)]
+    assert errs[1] < errs[0]

@@ -27,7 +27,9 @@ the math of each pattern is in :mod:`bnfold.lower.int8`'s docstring. The rules, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -178,11 +180,25 @@ def _tensor_type(call: Any, dtype: str) -> Any:
     return relax.TensorType(list(_shape(call)), dtype)
 
 
+@functools.cache
+def _kernel_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that builds kernels (see :func:`_try_kernel`), started on first use."""
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bnfold-int8-kernel")
+
+
 def _try_kernel(what: str, name: str, make: Callable[[], Any]) -> Any:
     """What ``make()`` returns (a kernel, or None where it declines); None, with a warning, if
-    it raises: a kernel bug must not break the build, the group then stays on Relax ops."""
+    it raises: a kernel bug must not break the build, the group then stays on Relax ops.
+
+    ``make`` runs on a thread of its own, from a short stack. TVMScript's parser calls
+    ``inspect.stack()`` a few times per PrimFunc, and that looks up the module of every frame:
+    here the Relax mutator's recursion (and the CLI's) is on the stack, and under ``python -m``
+    or ``-c`` so are frames without a module file (``<frozen runpy>``, ``<string>``), each of
+    which makes ``inspect.getmodule`` scan all of ``sys.modules`` (about 2600 with TVM).
+    ``compile --int8`` of mnasnet0_5 (122 kernels, built twice with the layer-wise build)
+    spent 600 of its 870 s there, about 5 s per kernel."""
     try:
-        return make()
+        return _kernel_thread().submit(make).result()
     except Exception as e:
         logger.warning("int8 %s kernel for %s failed (%s); using Relax ops", what, name, e)
         return None
