@@ -385,3 +385,25 @@ def test_compile_int8_cli(tmp_path: Path) -> None:
 def test_compile_calib_without_int8_is_a_usage_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["compile", "m.onnx", "--calib", "c.npz", "-o", str(tmp_path)])
     assert res.exit_code == 2 and "--int8" in res.output
+
+
+def test_tune_sees_the_functions_compile_builds(tmp_path: Path) -> None:
+    """``bnfold tune`` imports a QDQ model through compile's own front half (one read of the
+    file, the int8 rewrite included): the module it tunes calls bnfold's integer kernels, which
+    it leaves alone (already scheduled), not TVM's float fake-quantization."""
+    import tvm
+
+    from bnfold.lower import tune
+    from bnfold.targets import get
+
+    rng = np.random.default_rng(7)
+    model = _conv_model(rng)
+    int8, _ = quantize(model, _calib(rng, model), **_QUANT_OPTS["per-channel-uint8"])
+    path = tmp_path / "m.int8.onnx"
+    onnx.save(int8, str(path))
+    mod, _ = tune.fused_module(path, get("x86").resolved())
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    kernels = [n for n, f in funcs.items() if f.attrs and f.attrs.get("tirx.is_scheduled", False)]
+    assert any(n.startswith("int8_conv2d") for n in kernels), sorted(funcs)
+    manifest = lower.compile_model(path, "x86", tmp_path / "out", fold=False, verify=False)
+    assert _integer_ops(manifest.compile["int8"])["conv2d"] == 2

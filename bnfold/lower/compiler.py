@@ -17,6 +17,9 @@
    optimization off, with :func:`bnfold.check.verify`'s metrics and gate; skipped with a
    reason where this machine cannot run the target.
 
+Steps 1-3 (and, for a QDQ model in integer arithmetic, the int8 rewrite) are :func:`to_relax`,
+which ``bnfold tune`` shares, so that it tunes the functions compile builds.
+
 ``manifest.json`` records inputs, outputs, target, versions, hashes, the fold report, the
 compile time and the verification. Each step is timed by :class:`bnfold.steps.Steps`, which also
 tells the CLI's live display (``progress``) when a step starts and ends.
@@ -418,26 +421,12 @@ def compile_model(
     out.mkdir(parents=True, exist_ok=True)
     steps = Steps(progress)
 
-    with steps("fold"):
-        # The one read of the model file: the fold, the manifest's hash and the verification's
-        # reference all come from it (the fold changes the IR, never ``source.proto``).
-        source = ir.read_source(model_path)
-        folded, fold_report = _fold(source, fold)
-        ir.save(folded, out / FOLDED)
-    with steps("freeze"):
-        feeds = _feeds(inputs, source.proto)
-        concrete = resolve_shapes(source.proto, shapes, feeds)
-        frozen = freeze(folded, concrete)
-        plan = _int8_plan(frozen, tgt, integer)
-        frozen, dropped = _drop_implied(frozen) if plan.integer else (frozen, 0)
-    with steps("import"):
-        mod = import_relax(frozen, concrete)
-        outputs = _outputs(mod, frozen)
-        if plan.integer:
-            mod, records = lower_int8.rewrite(mod, tvm_target(tgt))
-            plan.info = lower_int8.summarize(records, dropped)
+    front = to_relax(model_path, tgt, steps, shapes=shapes, inputs=inputs, fold=fold,
+                     integer=integer, folded_path=out / FOLDED)  # fmt: skip
+    source, feeds, concrete, plan = front.source, front.feeds, front.shapes, front.int8
+    outputs, fold_report = front.outputs, front.fold_report
     with steps("build"), cpu_schedule.recording() as matches:
-        executable = build(mod, tgt, schedule, None if database is None else str(database))
+        executable = build(front.mod, tgt, schedule, None if database is None else str(database))
     with steps("export"):
         exported = tgt.export(executable, out)
     if plan.integer and layerwise:
@@ -491,6 +480,57 @@ def compile_model(
         artifact.save(manifest, out)
         _gate(manifest, tgt, out, atol=atol, rtol=rtol, max_lsb=max_lsb)
     return manifest
+
+
+@dataclasses.dataclass
+class Front:
+    """What :func:`to_relax` made: the Relax module and how it came about, with the one read
+    of the model file (``source``) and the verification inputs read against it."""
+
+    source: ir.Source
+    feeds: dict[str, np.ndarray] | None
+    mod: Any
+    shapes: dict[str, tuple[int, ...]]
+    fold_report: dict[str, Any]
+    outputs: list[dict[str, Any]]
+    int8: _Int8Plan
+
+
+def to_relax(
+    model_path: str | os.PathLike[str],
+    tgt: Target,
+    steps: Steps,
+    *,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
+    fold: bool = True,
+    integer: bool = True,
+    folded_path: Path | None = None,
+) -> Front:
+    """The front half of a compile, shared by :func:`compile_model` and ``bnfold tune``: read
+    the model file (once), fold (saved to ``folded_path`` if given), freeze the shapes, import
+    into Relax and, for a QDQ model in integer arithmetic, the int8 rewrite, so that tuning
+    sees the functions compile builds. ``steps`` times "fold", "freeze" and "import"."""
+    with steps("fold"):
+        # The one read of the model file: the fold, the manifest's hash and the verification's
+        # reference all come from it (the fold changes the IR, never ``source.proto``).
+        source = ir.read_source(model_path)
+        folded, fold_report = _fold(source, fold)
+        if folded_path is not None:
+            ir.save(folded, folded_path)
+    with steps("freeze"):
+        feeds = _feeds(inputs, source.proto)
+        concrete = resolve_shapes(source.proto, shapes, feeds)
+        frozen = freeze(folded, concrete)
+        plan = _int8_plan(frozen, tgt, integer)
+        frozen, dropped = _drop_implied(frozen) if plan.integer else (frozen, 0)
+    with steps("import"):
+        mod = import_relax(frozen, concrete)
+        outputs = _outputs(mod, frozen)
+        if plan.integer:
+            mod, records = lower_int8.rewrite(mod, tvm_target(tgt))
+            plan.info = lower_int8.summarize(records, dropped)
+    return Front(source, feeds, mod, concrete, fold_report, outputs, plan)
 
 
 def _check_request(
